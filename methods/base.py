@@ -1,0 +1,62 @@
+"""The Method interface: a method owns its networks and its loss, and nothing else.
+
+The platform hands `training_step` uint8 images already on the device and the global step; the
+method returns (loss, metrics). Everything else (optimiser, DDP, AMP, checkpoints, logging,
+evaluation) belongs to the platform.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from sslab.platform.augment import Augment, AugmentRecipe, Normalize
+
+
+@dataclass
+class MethodContext:
+    """What the platform gives a method to build itself."""
+    backbone: nn.Module
+    feature_dim: int
+    image_size: int
+    normalize: Normalize            # uint8 -> normalised float (no augmentation): eval input
+    augment: Augment                # uint8 -> one augmented view (per-sample parameters)
+    total_steps: int                # for schedules that are pure functions of the step
+    world_size: int = 1
+
+
+class Method(nn.Module):
+    name: ClassVar[str]
+    Args: ClassVar[type]
+    # Submodules trained by gradient: the platform wraps only these in DDP (EMA copies stay out).
+    ddp_modules: ClassVar[tuple[str, ...]] = ("backbone",)
+
+    def __init__(self, args, ctx: MethodContext):
+        super().__init__()
+        self.args = args
+        self.backbone = ctx.backbone
+        self.feature_dim = ctx.feature_dim
+        self.normalize = ctx.normalize
+        self.augment = ctx.augment
+        self.total_steps = ctx.total_steps
+        self.world_size = ctx.world_size
+
+    @classmethod
+    def augment_recipe(cls, args) -> AugmentRecipe:
+        """The method's own augmentation; a study's `augment:` section overrides fields of it."""
+        return AugmentRecipe()
+
+    def training_step(self, images: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns the loss and detached scalar metrics (tensors: the platform averages them on
+        the device and syncs once per report, not once per step)."""
+        raise NotImplementedError
+
+    def on_step_end(self, step: int) -> None:
+        """After the optimiser step: EMA updates, queues, centres."""
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """What evaluation sees: backbone features of un-augmented images (eval mode is set by the caller)."""
+        return self.backbone(self.normalize(images))

@@ -1,0 +1,13 @@
+"""An explicit name -> Method class table: adding a method is one import and one line here."""
+from __future__ import annotations
+
+from sslab.methods.base import Method
+from sslab.methods.simclr import SimCLR
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SimCLR,)}
+
+
+def get_method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
+    return METHODS[name]

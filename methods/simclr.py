@@ -1,0 +1,48 @@
+"""SimCLR: Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from sslab.methods.base import Method, MethodContext
+from sslab.methods.heads import projection_head
+from sslab.methods.losses import nt_xent
+from sslab.platform.config import check
+
+
+@dataclass
+class SimCLRArgs:
+    temperature: float = check(default=0.5, gt=0)
+    projection: Literal["none", "linear", "mlp"] = "mlp"
+    proj_depth: int = check(default=2, ge=2)        # layers of the MLP head (SimCLR v1: 2)
+    proj_hidden_dim: int = check(default=512, gt=0)
+    proj_dim: int = check(default=128, gt=0)
+    eval_on: Literal["h", "z"] = "h"                # backbone output h or head output z (Sec. 4.2)
+
+
+class SimCLR(Method):
+    """Two augmented views per image; NT-Xent between their projections, eq. (1)."""
+    name = "simclr"
+    Args = SimCLRArgs
+    ddp_modules = ("backbone", "head")
+
+    def __init__(self, args: SimCLRArgs, ctx: MethodContext):
+        super().__init__(args, ctx)
+        self.head = projection_head(args.projection, ctx.feature_dim, args.proj_hidden_dim,
+                                    args.proj_dim, depth=args.proj_depth)
+
+    def training_step(self, images, step):
+        v1, v2 = self.augment(images), self.augment(images)
+        z = self.head(self.backbone(torch.cat([v1, v2])))
+        z1, z2 = z.chunk(2)
+        loss = nt_xent(z1, z2, self.args.temperature)
+        pos_sim = F.cosine_similarity(z1.detach().float(), z2.detach().float()).mean()
+        return loss, {"pos_sim": pos_sim}
+
+    @torch.no_grad()
+    def features(self, images):
+        h = self.backbone(self.normalize(images))
+        return self.head(h) if self.args.eval_on == "z" else h

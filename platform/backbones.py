@@ -1,0 +1,65 @@
+"""Backbones: ResNet-18/50 from torchvision's blocks (CIFAR stem, width multiplier) and
+ViT-Tiny/Small from timm, whose ViT exposes patch_embed / blocks / norm for MAE and DINO.
+Every backbone maps normalised images [N, 3, H, W] to features [N, dim].
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from sslab.platform.config import BackboneConfig
+
+VIT_SIZES = {"vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+             "vit_small": dict(embed_dim=384, depth=12, num_heads=6)}
+
+
+def build_backbone(cfg: BackboneConfig, image_size: int) -> tuple[nn.Module, int]:
+    """Returns (backbone, feature dimension)."""
+    if cfg.name.startswith("resnet"):
+        return _resnet(cfg)
+    return _vit(cfg, image_size)
+
+
+def _resnet(cfg: BackboneConfig) -> tuple[nn.Module, int]:
+    """torchvision's BasicBlock/Bottleneck stacked as in torchvision's ResNet, widths scaled."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    block, depths = {"resnet18": (BasicBlock, (2, 2, 2, 2)),
+                     "resnet50": (Bottleneck, (3, 4, 6, 3))}[cfg.name]
+    widths = [max(8, round(c * cfg.width)) for c in (64, 128, 256, 512)]
+    if cfg.cifar_stem:  # CIFAR variant (SimCLR App. B.9): 3x3 stride-1 conv, no max-pool
+        stem = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
+    else:
+        stem = [nn.Conv2d(3, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0]),
+                nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+    layers, channels = list(stem), widths[0]
+    for stage, (width, depth) in enumerate(zip(widths, depths)):
+        for i in range(depth):
+            stride = 2 if stage > 0 and i == 0 else 1
+            out = width * block.expansion
+            downsample = None
+            if stride != 1 or channels != out:
+                downsample = nn.Sequential(nn.Conv2d(channels, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+            layers.append(block(channels, width, stride, downsample))
+            channels = out
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    _torchvision_init(net)
+    return net, channels
+
+
+def _torchvision_init(net: nn.Module) -> None:
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _vit(cfg: BackboneConfig, image_size: int) -> tuple[nn.Module, int]:
+    from timm.models.vision_transformer import VisionTransformer
+
+    size = dict(VIT_SIZES[cfg.name])
+    size["embed_dim"] = max(size["num_heads"], round(size["embed_dim"] * cfg.width / size["num_heads"]) * size["num_heads"])
+    net = VisionTransformer(img_size=image_size, patch_size=cfg.patch_size, num_classes=0,
+                            global_pool="token", **size)
+    return net, net.num_features

@@ -1,0 +1,128 @@
+"""sslab command line: run | validate | report | methods | ui.
+
+Bad input (a study file, a --set override) prints one line naming the file and key and exits
+with code 2 before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from sslab.platform.config import ConfigError, load_study
+
+EXIT_BAD_INPUT = 2
+
+
+def _workdir(args) -> Path:
+    return Path(args.workdir or os.environ.get("SSLAB_WORKDIR") or "sslab-runs").resolve()
+
+
+def cmd_validate(args) -> int:
+    study, _ = load_study(args.study, args.set)
+    from sslab.platform.study import expand_trials
+
+    trials = expand_trials(study, load_study(args.study, args.set)[1])
+    print(f"{args.study}: ok ({study.method}, {len(trials)} trial(s): "
+          f"{', '.join(t.name for t in trials)})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    study, raw = load_study(args.study, args.set)
+    from sslab.platform.report import build_report
+    from sslab.platform.study import run_study
+
+    result = run_study(study, raw, Path(args.study).read_text(), _workdir(args),
+                       tracking_uri=args.tracking_uri, ray_address=args.ray_address,
+                       resume=args.resume)
+    if not args.no_report:
+        out = build_report(study.name, result["tracking_uri"], Path(args.reports) / study.name,
+                           parent_run_id=result["parent_run_id"])
+        print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    return 0 if result["status"] == "FINISHED" else 1
+
+
+def cmd_report(args) -> int:
+    from sslab.platform.report import build_report
+    from sslab.platform.tracking import default_tracking_uri
+
+    name = args.study
+    if name.endswith((".yaml", ".yml")):
+        name = load_study(name, args.set)[0].name
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(_workdir(args))
+    out = build_report(name, uri, Path(args.reports) / name, parent_run_id=args.parent_run)
+    print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from sslab.methods.registry import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        for f in dataclasses.fields(cls.Args):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            print(f"    {f.name}: {getattr(f.type, '__name__', f.type)} = {default!r}")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from sslab.platform.tracking import default_tracking_uri
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(_workdir(args))
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+               "--host", "127.0.0.1", "--port", str(args.port)]
+    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}", flush=True)
+    os.execv(sys.executable, command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sslab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def study_command(name: str, help_text: str, fn):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("study", help="study YAML file" + (" or study name" if name == "report" else ""))
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any key by its dotted path, e.g. train.epochs=2")
+        p.set_defaults(fn=fn)
+        return p
+
+    def common(p):
+        p.add_argument("--workdir", help="where checkpoints, Ray state and the default MLflow store "
+                                         "live (default ./sslab-runs or $SSLAB_WORKDIR)")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file in the workdir, "
+                                              "or $MLFLOW_TRACKING_URI)")
+        p.add_argument("--reports", default="reports", help="folder for reports/<study>/")
+
+    study_command("validate", "check a study file without running it", cmd_validate)
+    run = study_command("run", "run a study on Ray, track it in MLflow, write its report", cmd_run)
+    common(run)
+    run.add_argument("--ray-address", help="join an existing Ray cluster (default: local; or $RAY_ADDRESS)")
+    run.add_argument("--resume", action="store_true", help="finish the last invocation's unfinished trials")
+    run.add_argument("--no-report", action="store_true")
+    report = study_command("report", "rebuild reports/<study>/ from MLflow", cmd_report)
+    common(report)
+    report.add_argument("--parent-run", help="the study invocation (default: the latest)")
+    sub.add_parser("methods", help="list methods and their arguments").set_defaults(fn=cmd_methods)
+    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
+    common(ui)
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(fn=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

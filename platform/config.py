@@ -1,0 +1,337 @@
+"""Typed study schema: YAML -> dataclasses, with every error naming the file and the key path.
+
+A study is validated in full before anything runs: unknown keys, wrong types, out-of-range
+values, an unknown method and a missing data path are all `ConfigError`s.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad study file: `str(err)` is the one line shown to the user."""
+
+    def __init__(self, source: str, key: str, message: str):
+        self.source, self.key, self.message = source, key, message
+        where = f"{source}: {key}" if key else source
+        super().__init__(f"{where}: {message}")
+
+
+def check(*, gt: float | None = None, ge: float | None = None, le: float | None = None,
+          lt: float | None = None, default: Any = dataclasses.MISSING, **kwargs) -> Any:
+    """A dataclass field with a numeric range that `from_dict` enforces."""
+    bounds = {k: v for k, v in dict(gt=gt, ge=ge, le=le, lt=lt).items() if v is not None}
+    return field(default=default, metadata={"bounds": bounds}, **kwargs)
+
+
+@dataclass
+class DataConfig:
+    # synthetic: the embedded generated dataset; cifar10/cifar100/stl10: torchvision;
+    # imagefolder: a tree with train/<class>/* and test/<class>/*.
+    name: Literal["synthetic", "cifar10", "cifar100", "stl10", "imagefolder"] = "synthetic"
+    root: Optional[str] = None
+    download: bool = False
+    subset: Optional[int] = check(default=None, gt=0)       # train images kept (deterministic)
+    test_subset: Optional[int] = check(default=None, gt=0)
+    image_size: int = check(default=32, ge=8)               # synthetic size; others resized to it
+    train_size: int = check(default=5000, gt=0)             # synthetic only
+    test_size: int = check(default=1000, gt=0)              # synthetic only
+    seed: int = 0                                           # synthetic generation / subsets
+
+
+@dataclass
+class BackboneConfig:
+    name: Literal["resnet18", "resnet50", "vit_tiny", "vit_small"] = "resnet18"
+    cifar_stem: bool = True          # 3x3 stride-1 first conv, no max-pool (for 32x32 images)
+    width: float = check(default=1.0, gt=0)
+    patch_size: int = check(default=4, ge=1)
+
+
+@dataclass
+class AugmentConfig:
+    """Overrides of the method's own recipe; a field left as None keeps the method's value."""
+    crop_scale_min: Optional[float] = check(default=None, gt=0, le=1)
+    flip_p: Optional[float] = check(default=None, ge=0, le=1)
+    jitter_strength: Optional[float] = check(default=None, ge=0)
+    jitter_p: Optional[float] = check(default=None, ge=0, le=1)
+    grayscale_p: Optional[float] = check(default=None, ge=0, le=1)
+    blur_p: Optional[float] = check(default=None, ge=0, le=1)
+    solarize_p: Optional[float] = check(default=None, ge=0, le=1)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = check(default=10, gt=0)
+    batch_size: int = check(default=256, gt=1)       # global, split across workers
+    optimizer: Literal["sgd", "adamw", "lars"] = "sgd"
+    lr: float = check(default=0.06, gt=0)
+    weight_decay: float = check(default=5e-4, ge=0)
+    momentum: float = check(default=0.9, ge=0, lt=1)
+    warmup_epochs: float = check(default=0, ge=0)
+    amp: bool = False                 # bf16 autocast
+    channels_last: bool = False
+    compile: bool = False
+    num_workers: int = check(default=1, ge=1)       # >1: Ray Train TorchTrainer with DDP
+    use_gpu: bool = False
+    cpus_per_worker: Optional[float] = check(default=None, gt=0)  # None: CPUs / concurrent workers
+    checkpoint_every: int = check(default=1, ge=1)  # epochs
+    report_every_steps: int = check(default=50, ge=1)
+    max_failures: int = check(default=0, ge=0)      # worker restarts (from the last checkpoint)
+    seed: int = 0                                   # set per trial from the study's `seeds`
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = check(default=200, gt=0)
+    knn_temperature: float = check(default=0.1, gt=0)
+    knn_every: int = check(default=0, ge=0)          # epochs; 0 = only before and after training
+    random_init_baseline: bool = True
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    method: str = "simclr"
+    method_args: dict = field(default_factory=dict)
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    # dotted key -> list of values (a grid); every point runs once per seed
+    sweep: dict = field(default_factory=dict)
+    max_concurrent_trials: int = check(default=1, ge=1)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Checks `value` against the annotation `tp` and returns it converted (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        non_none = [o for o in options if o is not type(None)]
+        return _convert(value, non_none[0], key, source)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(source, key, f"{value!r} is not {_type_name(tp)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(source, key, f"expected a mapping, got {value!r}")
+        return from_dict(tp, value, source, prefix=key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(source, key, f"expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(source, key, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(source, key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(source, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(source, key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {key}")
+
+
+def _check_bounds(value: Any, bounds: dict, key: str, source: str) -> None:
+    if value is None:
+        return
+    tests = {"gt": (lambda v, b: v > b, ">"), "ge": (lambda v, b: v >= b, ">="),
+             "lt": (lambda v, b: v < b, "<"), "le": (lambda v, b: v <= b, "<=")}
+    for name, bound in bounds.items():
+        ok, symbol = tests[name]
+        if not ok(value, bound):
+            raise ConfigError(source, key, f"{value!r} is out of range (must be {symbol} {bound})")
+
+
+def from_dict(cls: type, data: dict, source: str = "<config>", prefix: str = "") -> Any:
+    """Builds dataclass `cls` from `data`, rejecting unknown keys, wrong types and bad ranges."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(source, _join(prefix, key), f"unknown key (known: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = _join(prefix, name)
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(source, key, "is required")
+            continue
+        value = _convert(data[name], hints[name], key, source)
+        _check_bounds(value, f.metadata.get("bounds", {}), key, source)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+# ----------------------------------------------------------------------------- overrides
+
+def parse_override(text: str, source: str = "--set") -> tuple[str, Any]:
+    """'train.epochs=2' -> ('train.epochs', 2); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(source, text, "expected KEY=VALUE")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """Sets `a.b.c` in nested dicts, creating the mappings on the way."""
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError("--set", dotted, f"{part!r} is not a mapping")
+    node[parts[-1]] = value
+
+
+def get_dotted(data: dict, dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 0.1}} -> {'train.lr': 0.1} (lists stay values)."""
+    flat = {}
+    for key, value in data.items():
+        dotted = _join(prefix, key)
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, dotted))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "", "no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f"line {mark.line + 1}" if mark else ""
+        raise ConfigError(str(path), line, f"invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "", "a study file must be a YAML mapping")
+    return data
+
+
+def build_study(raw: dict, source: str = "<config>") -> StudyConfig:
+    """Validates a raw study dict in full, including method_args, data paths and the sweep."""
+    from sslab.methods.registry import get_method_class  # late: methods import the platform
+
+    study = from_dict(StudyConfig, raw, source)
+    try:
+        method_cls = get_method_class(study.method)
+    except KeyError as err:
+        raise ConfigError(source, "method", str(err.args[0])) from None
+    study.method_args = dataclasses.asdict(
+        from_dict(method_cls.Args, study.method_args, source, prefix="method_args"))
+    _check_data(study.data, source)
+    _check_sweep(raw, study, source)
+    _check_train(study, source)
+    return study
+
+
+def _check_data(data: DataConfig, source: str) -> None:
+    if data.name == "synthetic":
+        return
+    if data.root is None:
+        raise ConfigError(source, "data.root", f"required for data.name={data.name!r}")
+    root = Path(data.root).expanduser()
+    if data.name == "imagefolder":
+        for split in ("train", "test"):
+            if not (root / split).is_dir():
+                raise ConfigError(source, "data.root", f"{root / split} is not a directory")
+    elif not data.download and not root.is_dir():
+        raise ConfigError(source, "data.root",
+                          f"{root} does not exist (set data.download: true to fetch it)")
+
+
+def _check_sweep(raw: dict, study: StudyConfig, source: str) -> None:
+    """Every swept value must itself give a valid study."""
+    for dotted, values in study.sweep.items():
+        key = f"sweep.{dotted}"
+        if not isinstance(values, list) or not values:
+            raise ConfigError(source, key, "expected a non-empty list of values")
+        for value in values:
+            trial_raw = copy.deepcopy(raw)
+            trial_raw.pop("sweep", None)
+            set_dotted(trial_raw, dotted, value)
+            try:
+                build_study(trial_raw, source)
+            except ConfigError as err:
+                raise ConfigError(source, key, f"value {value!r}: {err.key}: {err.message}") from None
+
+
+def _check_train(study: StudyConfig, source: str) -> None:
+    train = study.train
+    if train.batch_size % train.num_workers:
+        raise ConfigError(source, "train.batch_size",
+                          f"{train.batch_size} is not divisible by train.num_workers={train.num_workers}")
+    if train.warmup_epochs >= train.epochs and train.warmup_epochs > 0:
+        raise ConfigError(source, "train.warmup_epochs", "must be smaller than train.epochs")
+
+
+def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[StudyConfig, dict]:
+    """Loads, overrides and validates a study file. Returns (typed study, raw dict)."""
+    source = str(path)
+    raw = load_yaml(path)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
+    if "name" not in raw:
+        raw["name"] = Path(path).stem
+    return build_study(raw, source), raw

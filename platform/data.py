@@ -1,0 +1,203 @@
+"""Datasets as uint8 tensors [N, 3, H, W], decoded once.
+
+The embedded default ("synthetic") needs no download: ten classes of shapes and textures drawn
+with random colours, positions, sizes and noise, deterministic by seed. Colour says nothing about
+the class, so a representation must learn shape to separate them, which is what SSL augmentations
+are meant to teach.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sslab.platform.config import DataConfig
+
+SYNTHETIC_CLASSES = ("disk", "square", "triangle", "ring", "cross",
+                     "hbars", "vbars", "diagonal", "checker", "diamond")
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: list[str]
+    train_images: torch.Tensor   # uint8 [N, 3, H, W]
+    train_labels: torch.Tensor   # int64 [N]
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+    @property
+    def image_size(self) -> int:
+        return self.train_images.shape[-1]
+
+    def describe(self) -> str:
+        return (f"{self.name}: {len(self.train_images)} train / {len(self.test_images)} test, "
+                f"{len(self.classes)} classes, {self.image_size}px")
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    loaders = {"synthetic": _synthetic, "cifar10": _torchvision, "cifar100": _torchvision,
+               "stl10": _torchvision, "imagefolder": _imagefolder}
+    data = loaders[cfg.name](cfg)
+    data.train_images, data.train_labels = _subset(data.train_images, data.train_labels,
+                                                   cfg.subset, cfg.seed)
+    data.test_images, data.test_labels = _subset(data.test_images, data.test_labels,
+                                                 cfg.test_subset, cfg.seed)
+    return data
+
+
+def _subset(images: torch.Tensor, labels: torch.Tensor, size: int | None, seed: int):
+    if size is None or size >= len(images):
+        return images, labels
+    keep = _subset_indices(len(images), size, seed)
+    return images[keep], labels[keep]
+
+
+def _subset_indices(total: int, size: int, seed: int) -> torch.Tensor:
+    """The same `size` items for the same (total, seed), whatever else changes."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(total, generator=generator)[:size].sort().values
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+def _synthetic(cfg: DataConfig) -> Dataset:
+    train = make_synthetic(cfg.train_size, cfg.image_size, seed=cfg.seed)
+    test = make_synthetic(cfg.test_size, cfg.image_size, seed=cfg.seed + 1_000_003)
+    return Dataset("synthetic", list(SYNTHETIC_CLASSES), *train, *test)
+
+
+def make_synthetic(count: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws `count` labelled images; the same seed gives the same images."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % len(SYNTHETIC_CLASSES)
+    labels = labels[torch.randperm(count, generator=g)]
+
+    def uniform(low, high, *shape):
+        return low + (high - low) * torch.rand(*shape, generator=g)
+
+    # Per-image geometry in [-1, 1] coordinates: centre, scale, rotation.
+    centre = uniform(-0.3, 0.3, count, 2, 1, 1)
+    scale = uniform(0.45, 0.8, count, 1, 1)
+    angle = uniform(-0.5, 0.5, count, 1, 1)
+    axis = torch.linspace(-1, 1, size)
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    x, y = xx - centre[:, 0], yy - centre[:, 1]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    u, v = (cos * x + sin * y) / scale, (-sin * x + cos * y) / scale
+    freq = uniform(2.5, 4.5, count, 1, 1) * math.pi
+
+    masks = torch.stack([
+        (u**2 + v**2 < 1.0),                                               # disk
+        (u.abs() < 0.8) & (v.abs() < 0.8),                                 # square
+        (v < 0.7) & (v > 1.6 * u.abs() - 0.9),                             # triangle
+        ((u**2 + v**2).sqrt() - 0.75).abs() < 0.22,                        # ring
+        ((u.abs() < 0.25) | (v.abs() < 0.25)) & (u.abs() < 1) & (v.abs() < 1),  # cross
+        torch.sin(freq * v) > 0,                                           # horizontal bars
+        torch.sin(freq * u) > 0,                                           # vertical bars
+        torch.sin(freq * (u + v) / 1.4) > 0,                               # diagonal stripes
+        (torch.sin(freq * u) * torch.sin(freq * v)) > 0,                   # checker
+        (u.abs() + v.abs() < 1.0),                                         # diamond
+    ], dim=1)                                                              # [count, 10, H, W]
+    mask = masks[torch.arange(count), labels].unsqueeze(1).float()
+
+    foreground = uniform(0, 1, count, 3, 1, 1)
+    background = uniform(0, 1, count, 3, 1, 1)
+    # Keep shapes visible: push the two colours apart where they are too close.
+    too_close = (foreground - background).abs().sum(1, keepdim=True) < 0.6
+    foreground = torch.where(too_close, 1 - background, foreground)
+    gradient = uniform(-0.15, 0.15, count, 3, 1, 1) * yy
+    image = mask * foreground + (1 - mask) * (background + gradient)
+    image = image + 0.06 * torch.randn(count, 3, size, size, generator=g)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+# ----------------------------------------------------------------------------- torchvision
+
+def _torchvision(cfg: DataConfig) -> Dataset:
+    import torchvision.datasets as tvd
+
+    root = str(Path(cfg.root).expanduser())
+    if cfg.name == "stl10":
+        train = tvd.STL10(root, split="train", download=cfg.download)
+        test = tvd.STL10(root, split="test", download=cfg.download)
+        to_tensor = lambda ds: torch.from_numpy(ds.data)  # already [N, 3, 96, 96]
+        labels = lambda ds: torch.as_tensor(ds.labels, dtype=torch.long)
+    else:
+        cls = tvd.CIFAR10 if cfg.name == "cifar10" else tvd.CIFAR100
+        train = cls(root, train=True, download=cfg.download)
+        test = cls(root, train=False, download=cfg.download)
+        to_tensor = lambda ds: torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        labels = lambda ds: torch.as_tensor(ds.targets, dtype=torch.long)
+    return Dataset(cfg.name, list(train.classes), to_tensor(train), labels(train),
+                   to_tensor(test), labels(test))
+
+
+# ----------------------------------------------------------------------------- image folders
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def _imagefolder(cfg: DataConfig) -> Dataset:
+    root = Path(cfg.root).expanduser().resolve()
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    train = _decode_split(root / "train", classes, cfg.image_size, cfg.subset, cfg.seed)
+    test = _decode_split(root / "test", classes, cfg.image_size, cfg.test_subset, cfg.seed)
+    return Dataset(f"imagefolder:{root.name}", classes, *train, *test)
+
+
+def _list_split(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((split_dir / name).iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(path)
+                labels.append(label)
+    return files, labels
+
+
+def _decode_split(split_dir: Path, classes: list[str], size: int, subset: int | None, seed: int):
+    """Decodes only the files the subset keeps, once; later runs read the cached tensor."""
+    files, labels = _list_split(split_dir, classes)
+    if subset is not None and subset < len(files):
+        keep = _subset_indices(len(files), subset, seed).tolist()
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+    key = hashlib.sha256("\n".join([str(size)] + [str(f) for f in files]).encode()).hexdigest()[:16]
+    cache = cache_dir() / f"{split_dir.parent.name}-{split_dir.name}-{key}.pt"
+    if cache.exists():
+        saved = torch.load(cache)
+        return saved["images"], saved["labels"]
+    images = torch.stack([_read_image(f, size) for f in files])
+    label_tensor = torch.tensor(labels, dtype=torch.long)
+    atomic_torch_save({"images": images, "labels": label_tensor}, cache)
+    return images, label_tensor
+
+
+def _read_image(path: Path, size: int) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    if image.shape[-2:] != (size, size):
+        image = F.interpolate(image[None].float(), size=(size, size), mode="bilinear",
+                              antialias=True, align_corners=False)[0].round().clamp(0, 255).byte()
+    return image
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("SSLAB_CACHE", Path.home() / ".cache" / "sslab")).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """Writes to a temporary file, then renames: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,204 @@
+"""MLflow -> pandas -> reports/<study>/report.md and a self-contained report.html.
+
+Everything in a report is read back from MLflow, so `sslab report` rebuilds it at any time.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+from sslab.platform.tracking import TRIAL_TAG, Tracker
+
+CURVES = ("loss", "knn_top1")
+
+
+def load_study_runs(tracker: Tracker, study: str, parent_run_id: str | None = None):
+    """(parent run, trials DataFrame, curves DataFrame) of the study's latest or given invocation."""
+    experiment = tracker.client.get_experiment_by_name(study)
+    if experiment is None:
+        raise LookupError(f"no MLflow experiment named {study!r} at {tracker.uri}")
+    parent = (tracker.client.get_run(parent_run_id) if parent_run_id
+              else tracker.latest_parent(experiment.experiment_id))
+    if parent is None:
+        raise LookupError(f"study {study!r} has no runs at {tracker.uri}")
+    rows, curves = [], []
+    for run in tracker.child_runs(experiment.experiment_id, parent.info.run_id):
+        params = run.data.params
+        row = {"trial": run.data.tags.get(TRIAL_TAG), "seed": int(params.get("train.seed", 0)),
+               "status": run.info.status, "run_id": run.info.run_id}
+        row.update(run.data.metrics)
+        rows.append(row)
+        for key in CURVES:
+            for m in tracker.client.get_metric_history(run.info.run_id, key):
+                curves.append({"trial": row["trial"], "metric": key, "epoch": m.step, "value": m.value})
+    trials = pd.DataFrame(rows).sort_values("trial", ignore_index=True) if rows else pd.DataFrame()
+    return parent, trials, pd.DataFrame(curves)
+
+
+def point_name(trial: str) -> str:
+    """The sweep point of a trial: its name without the seed."""
+    parts = [p for p in trial.split(",") if not p.startswith("seed=")]
+    return ",".join(parts) or "default"
+
+
+def summarise(trials: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over seeds of each sweep point's headline metrics."""
+    columns = [c for c in ("knn_top1", "random_init_knn_top1", "loss", "images_per_s") if c in trials]
+    grouped = trials.assign(point=trials["trial"].map(point_name)).groupby("point")[columns]
+    summary = grouped.agg(["mean", "std", "count"])
+    return summary
+
+
+def _pm(mean: float, std: float, count: int, scale: float = 100, digits: int = 1) -> str:
+    if pd.isna(mean):
+        return "n/a"
+    if count > 1 and not pd.isna(std):
+        return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f}"
+
+
+def _plot_curves(curves: pd.DataFrame, metric: str, ylabel: str) -> str | None:
+    """A PNG (base64) of `metric` per epoch, one line per trial."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = curves[curves["metric"] == metric] if len(curves) else curves
+    if data.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    for trial, group in data.groupby("trial"):
+        group = group.sort_values("epoch").drop_duplicates("epoch", keep="last")
+        ax.plot(group["epoch"], group["value"], marker="o", ms=3, label=trial)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if data["trial"].nunique() <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def build_report(study: str, tracking_uri: str, out_dir: Path, parent_run_id: str | None = None) -> Path:
+    tracker = Tracker(tracking_uri)
+    parent, trials, curves = load_study_runs(tracker, study, parent_run_id)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = _parent_config(tracker, parent.info.run_id)
+    plots = {"loss.png": _plot_curves(curves, "loss", "training loss"),
+             "knn_top1.png": _plot_curves(curves, "knn_top1", "kNN top-1 (epoch 0 = random init)")}
+    for name, png in plots.items():
+        if png:
+            (out_dir / name).write_bytes(base64.b64decode(png))
+    sections = _sections(study, parent, config, trials, tracker.client.get_experiment_by_name(study).experiment_id)
+    (out_dir / "report.md").write_text(_markdown(sections, plots))
+    (out_dir / "report.html").write_text(_html(sections, plots))
+    if not trials.empty:
+        trials.to_csv(out_dir / "trials.csv", index=False)
+    return out_dir
+
+
+def _parent_config(tracker: Tracker, run_id: str) -> dict:
+    try:
+        path = tracker.client.download_artifacts(run_id, "resolved_config.json")
+        return json.loads(Path(path).read_text())
+    except Exception:   # an older or foreign run without the artifact: the report still builds
+        return {}
+
+
+def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str) -> dict:
+    """The report's content as plain data, rendered to markdown and HTML alike."""
+    data, backbone, train = config.get("data", {}), config.get("backbone", {}), config.get("train", {})
+    setup = [
+        ("method", f"{config.get('method', '?')} {json.dumps(config.get('method_args', {}))}"),
+        ("data", f"{data.get('name')} (subset {data.get('subset') or 'all'}, root {data.get('root') or 'embedded'})"),
+        ("backbone", f"{backbone.get('name')} width {backbone.get('width')} cifar_stem {backbone.get('cifar_stem')}"),
+        ("training", f"{train.get('epochs')} epochs, batch {train.get('batch_size')}, {train.get('optimizer')} "
+                     f"lr {train.get('lr')}, {train.get('num_workers')} worker(s)"),
+        ("seeds", ", ".join(str(s) for s in config.get("seeds", []))),
+        ("sweep", json.dumps(config.get("sweep", {})) or "none"),
+        ("git commit", parent.data.tags.get("git_commit", "unknown")),
+        ("MLflow", f"experiment {experiment_id}, parent run {parent.info.run_id} ({parent.info.status})"),
+    ]
+    header = ["trial", "status", "kNN top-1 (%)", "random init (%)", "gain (pts)", "final loss",
+              "images/s", "MLflow run"]
+    rows = []
+    for _, r in trials.iterrows():
+        knn, base = r.get("knn_top1"), r.get("random_init_knn_top1")
+        gain = (knn - base) * 100 if pd.notna(knn) and pd.notna(base) else float("nan")
+        rows.append([r["trial"], r["status"], _fmt(knn, 100), _fmt(base, 100), _fmt(gain, 1, "+.1f"),
+                     _fmt(r.get("loss"), 1, ".3f"), _fmt(r.get("images_per_s"), 1, ".0f"),
+                     f"#/experiments/{experiment_id}/runs/{r['run_id']}"])
+    points = []
+    if not trials.empty:
+        summary = summarise(trials)
+        for point, s in summary.iterrows():
+            points.append([point, _pm(s[("knn_top1", "mean")], s[("knn_top1", "std")], s[("knn_top1", "count")]),
+                           _pm(s[("random_init_knn_top1", "mean")], s[("random_init_knn_top1", "std")],
+                               s[("random_init_knn_top1", "count")]) if ("random_init_knn_top1", "mean") in s else "n/a",
+                           str(int(s[("knn_top1", "count")]))])
+    return {"title": f"sslab report: {study}", "description": config.get("description", ""),
+            "setup": setup, "header": header, "rows": rows,
+            "points_header": ["point", "kNN top-1 (%) mean ± std", "random init (%)", "seeds"],
+            "points": points}
+
+
+def _fmt(value, scale: float = 1, spec: str = ".1f") -> str:
+    if value is None or pd.isna(value):
+        return "n/a"
+    return format(value * scale, spec)
+
+
+def _markdown(s: dict, plots: dict) -> str:
+    lines = [f"# {s['title']}", ""]
+    if s["description"]:
+        lines += [s["description"].strip(), ""]
+    lines += ["## Setup", ""] + [f"- **{k}**: {v}" for k, v in s["setup"]] + [""]
+    lines += ["## Results (mean ± std over seeds)", ""]
+    lines += _md_table(s["points_header"], s["points"]) + [""]
+    lines += ["## Trials", "", "MLflow run links are relative to `sslab ui` (http://127.0.0.1:5000/).", ""]
+    lines += _md_table(s["header"], [r[:-1] + [f"[run]({r[-1]})"] for r in s["rows"]]) + [""]
+    lines += ["## Curves", ""] + [f"![{n}]({n})" for n, png in plots.items() if png] + [""]
+    return "\n".join(lines)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _html(s: dict, plots: dict) -> str:
+    e = html.escape
+
+    def table(header, rows, link_last=False):
+        head = "".join(f"<th>{e(h)}</th>" for h in header)
+        body = ""
+        for row in rows:
+            cells = [e(str(c)) for c in row]
+            if link_last:
+                cells[-1] = f'<a href="http://127.0.0.1:5000/{e(row[-1])}">run</a>'
+            body += "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    images = "".join(f'<img alt="{e(n)}" src="data:image/png;base64,{png}">' for n, png in plots.items() if png)
+    setup = "".join(f"<li><b>{e(k)}</b>: {e(str(v))}</li>" for k, v in s["setup"])
+    style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:48%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(s['title'])}</title>"
+            f"<style>{style}</style></head><body><h1>{e(s['title'])}</h1><p>{e(s['description'])}</p>"
+            f"<h2>Setup</h2><ul>{setup}</ul><h2>Results (mean ± std over seeds)</h2>"
+            f"{table(s['points_header'], s['points'])}<h2>Trials</h2>"
+            f"<p>Run links open the MLflow UI started by <code>sslab ui</code>.</p>"
+            f"{table(s['header'], s['rows'], link_last=True)}<h2>Curves</h2>{images}</body></html>")

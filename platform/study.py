@@ -1,0 +1,229 @@
+"""A study on Ray Tune: one trial per sweep point x seed, one MLflow child run per trial.
+
+A trial with one worker runs the training loop inside the Tune trial; with N > 1 workers the
+trial is a thin function that fits a TorchTrainer (DDP) and forwards its reports to Tune.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sslab.platform.config import StudyConfig, build_study, flatten, set_dotted
+from sslab.platform.tracking import Tracker, TrialTracking, default_tracking_uri, git_commit
+from sslab.platform.train import train_loop, trial_config
+
+SEED_KEY = "train.seed"
+
+
+@dataclass
+class Trial:
+    name: str
+    values: dict          # swept dotted key -> value, including train.seed
+    study: StudyConfig    # resolved
+
+
+def expand_trials(study: StudyConfig, raw: dict) -> list[Trial]:
+    """The grid of `sweep` values times `seeds`, each a fully validated study."""
+    keys = list(study.sweep)
+    trials = []
+    for point in itertools.product(*(study.sweep[k] for k in keys)):
+        for seed in study.seeds:
+            values = dict(zip(keys, point)) | {SEED_KEY: seed}
+            trial_raw = copy.deepcopy(raw)
+            trial_raw.pop("sweep", None)
+            trial_raw["seeds"] = [seed]
+            for key, value in values.items():
+                set_dotted(trial_raw, key, value)
+            trials.append(Trial(trial_name(values), values, build_study(trial_raw, "<trial>")))
+    return trials
+
+
+def trial_name(values: dict) -> str:
+    """'temperature=0.2,seed=0': the last part of each swept key, the seed last."""
+    parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items() if k != SEED_KEY]
+    return ",".join(parts + [f"seed={values[SEED_KEY]}"])
+
+
+# ----------------------------------------------------------------------------- the driver
+
+@dataclass
+class StudyPaths:
+    workdir: Path
+
+    @property
+    def tracking_uri(self) -> str:
+        return default_tracking_uri(self.workdir)
+
+    def study_dir(self, study: str) -> Path:
+        return self.workdir / "studies" / study
+
+    def invocation_dir(self, study: str, parent_run_id: str) -> Path:
+        return self.study_dir(study) / parent_run_id
+
+    def latest_file(self, study: str) -> Path:
+        return self.study_dir(study) / "latest.json"
+
+
+def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
+              tracking_uri: str | None = None, ray_address: str | None = None,
+              resume: bool = False) -> dict:
+    """Runs every trial of the study; returns {'parent_run_id', 'experiment_id', 'trials'}."""
+    paths = StudyPaths(Path(workdir).resolve())
+    paths.study_dir(study.name).mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or paths.tracking_uri
+    trials = expand_trials(study, raw)
+    tracker = Tracker(uri)   # creates the sqlite store here, before any trial starts
+    experiment_id = tracker.experiment(study.name, paths.workdir / "mlartifacts")
+    parent_run_id = _parent_run(tracker, experiment_id, study, source_text, paths, resume)
+    invocation = paths.invocation_dir(study.name, parent_run_id)
+    print(f"study {study.name}: {len(trials)} trial(s); MLflow {uri} (parent run {parent_run_id})", flush=True)
+
+    common_tags = {"method": study.method, "git_commit": git_commit(), "dataset": study.data.name,
+                   "config_hash": study.config_hash()}
+    configs = {}
+    for trial in trials:
+        tags = common_tags | {"seed": trial.values[SEED_KEY], "config_hash": trial.study.config_hash()}
+        tracking = TrialTracking(uri, experiment_id, parent_run_id, trial.name, tags=tags,
+                                 params=flatten(trial.study.to_dict()))
+        configs[trial.name] = trial_config(trial.study, invocation / "trials" / trial.name, tracking)
+
+    started = time.time()
+    try:
+        results = _run_tune(study, configs, invocation, ray_address, resume)
+    except BaseException:
+        tracker.end(parent_run_id, "FAILED")
+        raise
+    summary = _summarise(tracker, experiment_id, parent_run_id, configs)
+    tracker.log_metrics(parent_run_id, {"wall_seconds": time.time() - started}, step=0)
+    status = "FINISHED" if all(r == "TERMINATED" for r in results.values()) else "FAILED"
+    tracker.end(parent_run_id, status)
+    print(f"study {study.name}: {status.lower()} in {time.time() - started:.0f} s", flush=True)
+    return {"parent_run_id": parent_run_id, "experiment_id": experiment_id, "tracking_uri": uri,
+            "trials": summary, "status": status}
+
+
+def _parent_run(tracker: Tracker, experiment_id: str, study: StudyConfig, source_text: str,
+                paths: StudyPaths, resume: bool) -> str:
+    latest = paths.latest_file(study.name)
+    if resume:
+        if not latest.exists():
+            raise FileNotFoundError(f"nothing to resume: no earlier run of study {study.name!r} in {paths.workdir}")
+        parent_run_id = json.loads(latest.read_text())["parent_run_id"]
+        tracker.client.update_run(parent_run_id, status="RUNNING")
+        return parent_run_id
+    tags = {"sslab.role": "study", "method": study.method, "git_commit": git_commit(),
+            "dataset": study.data.name, "config_hash": study.config_hash()}
+    parent_run_id = tracker.start_parent(experiment_id, f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags)
+    tracker.log_text(parent_run_id, source_text, "study.yaml")
+    tracker.log_dict(parent_run_id, study.to_dict(), "resolved_config.json")
+    latest.write_text(json.dumps({"parent_run_id": parent_run_id}))
+    return parent_run_id
+
+
+def _summarise(tracker: Tracker, experiment_id: str, parent_run_id: str, configs: dict) -> list[dict]:
+    """One row per trial from its child run; a CSV of it goes to the parent run."""
+    import pandas as pd
+
+    rows = []
+    for run in tracker.child_runs(experiment_id, parent_run_id):
+        row = {"trial": run.data.tags.get("sslab.trial"), "status": run.info.status,
+               "run_id": run.info.run_id}
+        row.update({k: v for k, v in run.data.metrics.items()})
+        rows.append(row)
+    if rows:
+        tracker.log_text(parent_run_id, pd.DataFrame(rows).to_csv(index=False), "trials.csv")
+    return rows
+
+
+# ----------------------------------------------------------------------------- Ray
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # a private, local, embedded cluster
+    ray.init(include_dashboard=True, object_store_memory=300 * 1024**2,
+             configure_logging=True, logging_level="WARNING", log_to_driver=True)
+
+
+def trial_resources(study: StudyConfig) -> tuple[dict, float]:
+    """Resources of the Tune trial itself and CPUs of each training worker."""
+    train = study.train
+    cpus = train.cpus_per_worker
+    if cpus is None:
+        cpus = max(1, (os.cpu_count() or 1) // (study.max_concurrent_trials * train.num_workers))
+    if train.num_workers == 1:
+        return {"CPU": cpus, "GPU": 1 if train.use_gpu else 0}, cpus
+    # The driver of a multi-worker trial only waits on its TorchTrainer: give it next to nothing,
+    # else a 2-worker trial never fits on 2 CPUs.
+    return {"CPU": 0.01}, cpus
+
+
+def _make_trainable(configs: dict, invocation: Path, workers: int, cpus_per_worker: float,
+                    use_gpu: bool, max_failures: int):
+    def trainable(tune_config: dict) -> None:
+        config = dict(configs[tune_config["trial"]])
+        os.environ["SSLAB_THREADS"] = str(max(1, int(cpus_per_worker)))
+        if workers == 1:
+            config["runtime"] = "tune"
+            train_loop(config)
+            return
+        import ray.train
+        from ray.train.torch import TorchTrainer
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        config["runtime"] = "train"
+        trainer = TorchTrainer(
+            train_loop, train_loop_config=config,
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                                   resources_per_worker={"CPU": cpus_per_worker}),
+            # A stable name: a restarted trial finds the same run again.
+            run_config=ray.train.RunConfig(name=f"train-{tune_config['trial']}",
+                                           storage_path=str(invocation / "ray"),
+                                           failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                                           callbacks=[TuneReportCallback()]))
+        trainer.fit()
+    return trainable
+
+
+def _run_tune(study: StudyConfig, configs: dict, invocation: Path, ray_address: str | None,
+              resume: bool) -> dict[str, str]:
+    """Runs (or resumes) the Tune experiment; returns {trial name: final Tune status}."""
+    from ray import tune
+
+    init_ray(ray_address)
+    resources, cpus_per_worker = trial_resources(study)
+    for config in configs.values():   # what each worker gets, also for a single-worker trial
+        config["study"]["train"]["cpus_per_worker"] = cpus_per_worker
+    trainable = tune.with_resources(
+        _make_trainable(configs, invocation, study.train.num_workers, cpus_per_worker,
+                        study.train.use_gpu, study.train.max_failures), resources)
+    storage = invocation / "ray"
+    if resume and tune.Tuner.can_restore(str(storage / "tune")):
+        tuner = tune.Tuner.restore(str(storage / "tune"), trainable, resume_errored=True,
+                                   restart_errored=False, resume_unfinished=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(list(configs))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent_trials,
+                                        reuse_actors=False),
+            run_config=tune.RunConfig(name="tune", storage_path=str(storage),
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      verbose=1))
+    grid = tuner.fit()
+    statuses = {}
+    for result in grid:
+        name = result.config["trial"]
+        statuses[name] = "ERROR" if result.error else "TERMINATED"
+    return statuses

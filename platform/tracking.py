@@ -1,0 +1,119 @@
+"""MLflow: one experiment per study, a parent run per invocation, a child run per trial.
+
+Everything goes through `MlflowClient` with explicit run ids (no global active run), so the
+same code works in the driver, in a Tune trial and in rank 0 of a Ray Train worker group.
+mlflow is imported lazily: the training loop runs without it (e.g. on a bare GPU machine).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TRIAL_TAG = "sslab.trial"
+PARAM_VALUE_LIMIT = 6000
+
+
+def default_tracking_uri(workdir: Path) -> str:
+    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def git_commit(path: Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=path, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass
+class TrialTracking:
+    """What a trial needs to find its MLflow child run; plain data, so it travels to workers."""
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+    trial_name: str
+    tags: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+
+
+class Tracker:
+    def __init__(self, uri: str):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+
+    # -- driver side -------------------------------------------------------------------------
+    def experiment(self, name: str, artifact_root: Path) -> str:
+        """Gets or creates the study's experiment, artifacts under an absolute path."""
+        existing = self.client.get_experiment_by_name(name)
+        if existing is not None:
+            return existing.experiment_id
+        return self.client.create_experiment(name, artifact_location=Path(artifact_root).resolve().as_uri())
+
+    def start_parent(self, experiment_id: str, run_name: str, tags: dict) -> str:
+        run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
+        return run.info.run_id
+
+    def child_runs(self, experiment_id: str, parent_run_id: str):
+        """The parent's child runs as MLflow Run objects (all pages)."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([experiment_id],
+                                           f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                           max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def latest_parent(self, experiment_id: str):
+        runs = self.client.search_runs([experiment_id], "tags.sslab.role = 'study'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0] if runs else None
+
+    # -- trial side ----------------------------------------------------------------------------
+    def find_or_create_child(self, t: TrialTracking) -> tuple[str, bool]:
+        """The trial's child run: found again by its tag after a restart, never duplicated.
+        Returns (run_id, created)."""
+        for run in self.child_runs(t.experiment_id, t.parent_run_id):
+            if run.data.tags.get(TRIAL_TAG) == t.trial_name:
+                self.client.update_run(run.info.run_id, status="RUNNING")
+                return run.info.run_id, False
+        tags = {"mlflow.parentRunId": t.parent_run_id, TRIAL_TAG: t.trial_name, **t.tags}
+        run = self.client.create_run(t.experiment_id, run_name=t.trial_name, tags=tags)
+        self.log_params(run.info.run_id, t.params)
+        return run.info.run_id, True
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(run_id, params=items[start:start + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(run_id, metrics=items)
+
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(run_id, key)}
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_dict(self, run_id: str, data: dict, artifact_file: str) -> None:
+        self.client.log_text(run_id, json.dumps(data, indent=2, default=str), artifact_file)
+
+    def set_tag(self, run_id: str, key: str, value) -> None:
+        self.client.set_tag(run_id, key, str(value))
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)

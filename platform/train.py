@@ -1,0 +1,355 @@
+"""The one training loop, method-agnostic: in-process, inside a Tune trial, or as a Ray Train worker.
+
+`train_loop(config)` takes a plain dict (so Ray can ship it) made by `trial_config`:
+    study     the resolved study dict of this trial (seed and swept values applied)
+    trial_dir absolute folder of this trial's checkpoint
+    tracking  TrialTracking fields, or None to log nothing
+    runtime   "local" | "tune" | "train": where metrics are reported besides MLflow
+Ray is imported only when the runtime needs it, so the loop runs with torch alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sslab.methods.base import Method, MethodContext
+from sslab.methods.registry import get_method_class
+from sslab.platform.augment import Augment, Normalize, channel_stats
+from sslab.platform.backbones import build_backbone
+from sslab.platform.config import StudyConfig, TrainConfig, build_study
+from sslab.platform.data import Dataset, atomic_torch_save, load_dataset
+from sslab.platform.evaluate import eval_mode, extract_features, knn_accuracy
+from sslab.platform.tracking import TrialTracking
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def trial_config(study: StudyConfig, trial_dir: Path, tracking: TrialTracking | None,
+                 runtime: str = "local") -> dict:
+    return {"study": study.to_dict(), "trial_dir": str(Path(trial_dir).resolve()),
+            "tracking": dataclasses.asdict(tracking) if tracking else None, "runtime": runtime}
+
+
+# ----------------------------------------------------------------------------- runtime
+
+@dataclass
+class Runtime:
+    """Where this process runs: its rank, the world size, the device, and how it reports."""
+    kind: str
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def report(self, metrics: dict) -> None:
+        if self.kind == "tune":
+            import ray.tune
+            ray.tune.report(metrics)
+        elif self.kind == "train":
+            import ray.train
+            ray.train.report(metrics)   # a barrier: every rank calls it
+
+
+def make_runtime(kind: str, train: TrainConfig) -> Runtime:
+    if kind == "train":
+        import ray.train.torch
+        return Runtime(kind, dist.get_rank(), dist.get_world_size(), ray.train.torch.get_device())
+    use_cuda = train.use_gpu and torch.cuda.is_available()
+    return Runtime(kind, 0, 1, torch.device("cuda" if use_cuda else "cpu"))
+
+
+# ----------------------------------------------------------------------------- building
+
+def build_method(study: StudyConfig, data: Dataset, device: torch.device, total_steps: int,
+                 world_size: int = 1) -> Method:
+    method_cls = get_method_class(study.method)
+    args = method_cls.Args(**study.method_args)
+    backbone, feature_dim = build_backbone(study.backbone, data.image_size)
+    mean, std = channel_stats(data.train_images)
+    normalize = Normalize(mean, std, channels_last=study.train.channels_last)
+    recipe = method_cls.augment_recipe(args).with_overrides(study.augment)
+    augment = Augment(recipe, data.image_size, normalize)
+    ctx = MethodContext(backbone, feature_dim, data.image_size, normalize, augment,
+                        total_steps, world_size)
+    method = method_cls(args, ctx).to(device)
+    if study.train.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    return method
+
+
+def param_groups(method: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay (and no LARS adaptation) for biases and normalisation parameters."""
+    decay, no_decay = [], []
+    for param in method.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with layer-wise adaptive rate scaling (You et al. 2017), as used by SimCLR and BYOL."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad.add(p, alpha=group["weight_decay"])
+                if not group["lars_exclude"]:
+                    p_norm, u_norm = p.norm(), update.norm()
+                    trust = torch.where((p_norm > 0) & (u_norm > 0),
+                                        group["trust_coefficient"] * p_norm / u_norm, 1.0)
+                    update = update.mul(trust)
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(update)
+                p.add_(buf, alpha=-group["lr"])
+
+
+def build_optimizer(method: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(method, train.weight_decay)
+    if train.optimizer == "sgd":
+        for g in groups:
+            g.pop("lars_exclude", None)
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
+    if train.optimizer == "adamw":
+        for g in groups:
+            g.pop("lars_exclude", None)
+        return torch.optim.AdamW(groups, lr=train.lr)
+    return LARS(groups, lr=train.lr, momentum=train.momentum)
+
+
+def learning_rate(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
+    """Linear warm-up, then cosine decay to zero (SimCLR App. B.1)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------- DDP and checkpoints
+
+def wrap_ddp(method: Method, runtime: Runtime) -> None:
+    """Wraps only the gradient-trained submodules in DDP; EMA copies and buffers stay outside."""
+    if runtime.world_size == 1:
+        return
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    for name in method.ddp_modules:
+        module = getattr(method, name)
+        if any(p.requires_grad for p in module.parameters()):
+            # broadcast_buffers=False: each rank keeps its own BN statistics (as SimCLR's
+            # per-device BN) and a forward on one rank alone (kNN on rank 0) needs no collective.
+            setattr(method, name, DDP(module, device_ids=device_ids, broadcast_buffers=False))
+
+
+@contextlib.contextmanager
+def unwrapped(method: Method):
+    """The method with its DDP wrappers removed for the block (checkpoints, evaluation)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    wrapped = {n: getattr(method, n) for n in method.ddp_modules if isinstance(getattr(method, n), DDP)}
+    for name, ddp in wrapped.items():
+        setattr(method, name, ddp.module)
+    try:
+        yield method
+    finally:
+        for name, ddp in wrapped.items():
+            setattr(method, name, ddp)
+
+
+def save_checkpoint(path: Path, method: Method, optimizer, epoch: int, step: int) -> None:
+    with unwrapped(method):
+        state = {"epoch": epoch, "step": step, "method": method.state_dict(),
+                 "optimizer": optimizer.state_dict()}
+    atomic_torch_save(state, path)
+
+
+def load_checkpoint(path: Path, method: Method, optimizer, device) -> tuple[int, int]:
+    """Restores every module, buffer and the optimizer. Returns (epochs done, global step)."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    with unwrapped(method):
+        method.load_state_dict(state["method"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["epoch"], state["step"]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class EpochMeter:
+    """Sums per-step metrics on the device; one host sync when read."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
+        for key, value in {"loss": loss.detach(), **metrics}.items():
+            value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+            self.sums[key] = self.sums.get(key, 0) + value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: (v / max(1, self.count)).item() for k, v in self.sums.items()}
+
+
+def knn_eval(method: Method, data: Dataset, study: StudyConfig, runtime: Runtime) -> dict[str, float]:
+    with unwrapped(method), eval_mode(method):
+        train_f = extract_features(method.features, data.train_images, runtime.device, amp=study.train.amp)
+        test_f = extract_features(method.features, data.test_images, runtime.device, amp=study.train.amp)
+    return knn_accuracy(train_f, data.train_labels, test_f, data.test_labels, len(data.classes),
+                        k=study.eval.knn_k, temperature=study.eval.knn_temperature)
+
+
+class TrialLogger:
+    """Rank 0's MLflow child run; epochs already logged (before a restart) are not logged twice."""
+
+    def __init__(self, tracking: dict | None, runtime: Runtime, study: StudyConfig):
+        self.tracker = self.run_id = None
+        self.logged: set[int] = set()
+        if tracking is None or not runtime.is_main:
+            return
+        from sslab.platform.tracking import Tracker
+
+        spec = TrialTracking(**tracking)
+        self.tracker = Tracker(spec.uri)
+        self.run_id, created = self.tracker.find_or_create_child(spec)
+        if created:
+            self.tracker.log_dict(self.run_id, study.to_dict(), "config.json")
+        else:
+            self.logged = self.tracker.logged_steps(self.run_id, "loss")
+
+    def log(self, metrics: dict, epoch: int) -> None:
+        if self.tracker and epoch not in self.logged:
+            self.tracker.log_metrics(self.run_id, metrics, step=epoch)
+            self.logged.add(epoch)
+
+    def log_once(self, metrics: dict, epoch: int, key: str) -> None:
+        if self.tracker and epoch not in self.tracker.logged_steps(self.run_id, key):
+            self.tracker.log_metrics(self.run_id, metrics, step=epoch)
+
+    def end(self, status: str) -> None:
+        if self.tracker:
+            self.tracker.end(self.run_id, status)
+
+
+def say(runtime: Runtime, name: str, text: str) -> None:
+    if runtime.is_main:
+        print(f"[{name}] {text}", flush=True)
+
+
+def train_loop(config: dict) -> dict:
+    """Pretrains one trial; returns the last epoch's metrics (on rank 0)."""
+    study = build_study(config["study"], source="<trial>")
+    runtime = make_runtime(config.get("runtime", "local"), study.train)
+    train = study.train
+    name = (config.get("tracking") or {}).get("trial_name") or study.name
+    if runtime.device.type == "cpu" and os.environ.get("SSLAB_THREADS"):
+        torch.set_num_threads(int(os.environ["SSLAB_THREADS"]))
+
+    data = load_dataset(study.data)
+    if runtime.device.type == "cuda":
+        data.train_images = data.train_images.to(runtime.device)   # uint8 on the GPU: 150 MB for CIFAR
+    local_batch = train.batch_size // runtime.world_size
+    steps_per_epoch = len(data.train_images) // train.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"train.batch_size={train.batch_size} exceeds the {len(data.train_images)} training images")
+    total_steps = steps_per_epoch * train.epochs
+
+    torch.manual_seed(train.seed)                      # same initial weights on every rank
+    method = build_method(study, data, runtime.device, total_steps, runtime.world_size)
+    optimizer = build_optimizer(method, train)
+    checkpoint = Path(config["trial_dir"]) / CHECKPOINT_NAME
+    start_epoch, step = 0, 0
+    if checkpoint.exists():
+        start_epoch, step = load_checkpoint(checkpoint, method, optimizer, runtime.device)
+        say(runtime, name, f"resumed from {checkpoint} after epoch {start_epoch}")
+    wrap_ddp(method, runtime)
+    logger = TrialLogger(config.get("tracking"), runtime, study)
+    say(runtime, name, f"{study.method} on {data.describe()}; {train.epochs} epochs x "
+                       f"{steps_per_epoch} steps, batch {train.batch_size} on {runtime.world_size} "
+                       f"worker(s), {runtime.device}")
+
+    if start_epoch == 0 and study.eval.random_init_baseline and runtime.is_main:
+        baseline = knn_eval(method, data, study, runtime)
+        say(runtime, name, f"random init: kNN top-1 {baseline['knn_top1']:.3f}")
+        logger.log_once({"random_init_knn_top1": baseline["knn_top1"],
+                         "random_init_knn_top5": baseline["knn_top5"],
+                         "knn_top1": baseline["knn_top1"]}, 0, "random_init_knn_top1")
+
+    warmup_steps = int(train.warmup_epochs * steps_per_epoch)
+    metrics: dict = {}
+    try:
+        for epoch in range(start_epoch + 1, train.epochs + 1):
+            metrics, step = run_epoch(method, optimizer, data, study, runtime, epoch, step,
+                                      steps_per_epoch, local_batch, total_steps, warmup_steps, name)
+            is_last = epoch == train.epochs
+            if runtime.is_main and (is_last or (study.eval.knn_every and epoch % study.eval.knn_every == 0)):
+                metrics.update(knn_eval(method, data, study, runtime))
+            if runtime.is_main and (is_last or epoch % train.checkpoint_every == 0):
+                save_checkpoint(checkpoint, method, optimizer, epoch, step)
+            logger.log(metrics, epoch)
+            say(runtime, name, "epoch " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            runtime.report(metrics)
+    except BaseException:
+        logger.end("FAILED")
+        raise
+    logger.end("FINISHED")
+    return metrics
+
+
+def run_epoch(method, optimizer, data, study, runtime, epoch, step, steps_per_epoch, local_batch,
+              total_steps, warmup_steps, name) -> tuple[dict, int]:
+    train = study.train
+    method.train()
+    # Same permutation on every rank (seeded by seed and epoch); each rank takes its slice.
+    generator = torch.Generator().manual_seed(train.seed * 100_003 + epoch)
+    order = torch.randperm(len(data.train_images), generator=generator)
+    torch.manual_seed(train.seed * 1_000_003 + epoch * 1009 + runtime.rank)   # augmentation draws
+    meter, started = EpochMeter(), time.perf_counter()
+    for i in range(steps_per_epoch):
+        lr = learning_rate(step, total_steps, warmup_steps, train.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        begin = i * train.batch_size + runtime.rank * local_batch
+        index = order[begin:begin + local_batch].to(data.train_images.device)
+        images = data.train_images[index].to(runtime.device, non_blocking=True)
+        with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=train.amp):
+            loss, step_metrics = method.training_step(images, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with unwrapped(method):
+            method.on_step_end(step)
+        meter.add(loss, step_metrics)
+        step += 1
+        if (i + 1) % train.report_every_steps == 0 or i + 1 == steps_per_epoch:
+            so_far = meter.means()   # one host sync per k steps, also the non-finite check
+            if not math.isfinite(so_far["loss"]):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch} step {i + 1}")
+            say(runtime, name, f"epoch {epoch}/{train.epochs} step {i + 1}/{steps_per_epoch} "
+                               f"loss {so_far['loss']:.4f}")
+    seconds = time.perf_counter() - started
+    metrics = meter.means()
+    metrics.update(epoch=epoch, lr=lr, epoch_seconds=seconds,
+                   images_per_s=steps_per_epoch * train.batch_size / seconds)
+    return metrics, step
