@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -156,16 +157,21 @@ def init_ray(address: str | None) -> None:
              configure_logging=True, logging_level="WARNING", log_to_driver=True)
 
 
-def trial_resources(study: StudyConfig) -> tuple[dict, float]:
-    """Resources of the Tune trial itself and CPUs of each training worker."""
+def trial_resources(study: StudyConfig, cluster_cpus: float) -> tuple[dict, float]:
+    """Resources of the Tune trial itself and CPUs of each training worker.
+
+    Without train.cpus_per_worker, the cluster's CPUs are shared by the concurrent workers.
+    The driver of a multi-worker trial only waits on its TorchTrainer: it gets 0.01 CPU, and the
+    workers leave room for it (else a 2-worker trial never fits on 2 CPUs and Train waits forever).
+    """
     train = study.train
     cpus = train.cpus_per_worker
     if cpus is None:
-        cpus = max(1, (os.cpu_count() or 1) // (study.max_concurrent_trials * train.num_workers))
+        share = cluster_cpus / (study.max_concurrent_trials * train.num_workers)
+        share -= 0.01 if train.num_workers > 1 else 0
+        cpus = float(math.floor(share)) if share >= 1 else round(max(share, 0.01), 2)
     if train.num_workers == 1:
         return {"CPU": cpus, "GPU": 1 if train.use_gpu else 0}, cpus
-    # The driver of a multi-worker trial only waits on its TorchTrainer: give it next to nothing,
-    # else a 2-worker trial never fits on 2 CPUs.
     return {"CPU": 0.01}, cpus
 
 
@@ -173,7 +179,6 @@ def _make_trainable(configs: dict, invocation: Path, workers: int, cpus_per_work
                     use_gpu: bool, max_failures: int):
     def trainable(tune_config: dict) -> None:
         config = dict(configs[tune_config["trial"]])
-        os.environ["SSLAB_THREADS"] = str(max(1, int(cpus_per_worker)))
         if workers == 1:
             config["runtime"] = "tune"
             train_loop(config)
@@ -199,10 +204,11 @@ def _make_trainable(configs: dict, invocation: Path, workers: int, cpus_per_work
 def _run_tune(study: StudyConfig, configs: dict, invocation: Path, ray_address: str | None,
               resume: bool) -> dict[str, str]:
     """Runs (or resumes) the Tune experiment; returns {trial name: final Tune status}."""
+    import ray
     from ray import tune
 
     init_ray(ray_address)
-    resources, cpus_per_worker = trial_resources(study)
+    resources, cpus_per_worker = trial_resources(study, ray.cluster_resources().get("CPU", 1))
     for config in configs.values():   # what each worker gets, also for a single-worker trial
         config["study"]["train"]["cpus_per_worker"] = cpus_per_worker
     trainable = tune.with_resources(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,8 +262,8 @@ def train_loop(config: dict) -> dict:
     runtime = make_runtime(config.get("runtime", "local"), study.train)
     train = study.train
     name = (config.get("tracking") or {}).get("trial_name") or study.name
-    if runtime.device.type == "cpu" and os.environ.get("SSLAB_THREADS"):
-        torch.set_num_threads(int(os.environ["SSLAB_THREADS"]))
+    if runtime.device.type == "cpu" and train.cpus_per_worker:
+        torch.set_num_threads(max(1, round(train.cpus_per_worker)))   # Ray sets 1 by default
 
     data = load_dataset(study.data)
     if runtime.device.type == "cuda":
@@ -305,9 +304,11 @@ def train_loop(config: dict) -> dict:
             is_last = epoch == train.epochs
             if runtime.is_main and (is_last or (study.eval.knn_every and epoch % study.eval.knn_every == 0)):
                 metrics.update(knn_eval(method, data, study, runtime))
+            # Log before the checkpoint: a crash in between re-runs this epoch, whose metrics
+            # are then skipped as already logged (never lost, never twice).
+            logger.log(metrics, epoch)
             if runtime.is_main and (is_last or epoch % train.checkpoint_every == 0):
                 save_checkpoint(checkpoint, method, optimizer, epoch, step)
-            logger.log(metrics, epoch)
             say(runtime, name, "epoch " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             runtime.report(metrics)
     except BaseException:

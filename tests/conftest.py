@@ -1,0 +1,47 @@
+import copy
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny study that trains in about a second per epoch on a CPU.
+TINY = {
+    "name": "tiny",
+    "method": "simclr",
+    "data": {"name": "synthetic", "train_size": 256, "test_size": 128, "image_size": 16},
+    "backbone": {"name": "resnet18", "width": 0.125},
+    "train": {"epochs": 2, "batch_size": 64, "lr": 0.1, "report_every_steps": 2},
+    "eval": {"knn_k": 20},
+}
+
+
+@pytest.fixture
+def tiny_raw():
+    return copy.deepcopy(TINY)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    os.environ["SSLAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory):
+    """One sqlite store for the session: creating one costs seconds (migrations)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the tests that need it; a short temp dir keeps socket paths < 107 bytes."""
+    ray = pytest.importorskip("ray")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    tmp = tempfile.mkdtemp(prefix="sslabray", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=True, object_store_memory=200 * 1024**2,
+             _temp_dir=tmp, logging_level="WARNING")
+    yield ray
+    ray.shutdown()

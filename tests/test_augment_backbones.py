@@ -1,0 +1,53 @@
+import pytest
+import torch
+import torchvision
+
+from sslab.platform.augment import Augment, AugmentRecipe, Normalize, channel_stats
+from sslab.platform.backbones import build_backbone
+from sslab.platform.config import AugmentConfig, BackboneConfig
+from sslab.platform.data import make_synthetic
+
+
+def test_augment_draws_parameters_per_sample():
+    images, _ = make_synthetic(1, 32, seed=0)
+    batch = images.repeat(16, 1, 1, 1)                  # 16 copies of one image
+    augment = Augment(AugmentRecipe(blur_p=0.5, solarize_p=0.2), 32, Normalize(*channel_stats(batch)))
+    views = augment(batch)
+    assert views.shape == (16, 3, 32, 32) and views.dtype == torch.float32
+    distinct = {tuple(v.flatten()[:64].tolist()) for v in views}
+    assert len(distinct) == 16                          # a batch-wide crop would give 1
+
+
+def test_recipe_overrides_only_fields_set():
+    recipe = AugmentRecipe().with_overrides(AugmentConfig(blur_p=0.5))
+    assert recipe.blur_p == 0.5 and recipe.crop_scale_min == AugmentRecipe().crop_scale_min
+
+
+def test_normalize_gives_zero_mean_unit_std():
+    images, _ = make_synthetic(256, 16, seed=1)
+    x = Normalize(*channel_stats(images))(images)
+    assert x.mean(dim=(0, 2, 3)).abs().max() < 1e-3
+    assert (x.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-2
+
+
+def test_resnet18_matches_torchvision_parameter_count():
+    ours, dim = build_backbone(BackboneConfig(name="resnet18", cifar_stem=False), 32)
+    reference = torchvision.models.resnet18()
+    expected = sum(p.numel() for n, p in reference.named_parameters() if not n.startswith("fc."))
+    assert dim == 512 and sum(p.numel() for p in ours.parameters()) == expected
+
+
+@pytest.mark.parametrize("cfg, dim", [
+    (BackboneConfig(name="resnet18", width=0.5), 256),
+    (BackboneConfig(name="resnet50", width=0.125), 64 * 4),   # Bottleneck expansion 4
+    (BackboneConfig(name="vit_tiny", patch_size=8), 192),
+])
+def test_backbones_map_images_to_features(cfg, dim):
+    net, feature_dim = build_backbone(cfg, 32)
+    out = net(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, feature_dim) and feature_dim == dim
+
+
+def test_cifar_stem_keeps_resolution():
+    net, _ = build_backbone(BackboneConfig(width=0.125, cifar_stem=True), 32)
+    assert net[0].stride == (1, 1) and not any(isinstance(m, torch.nn.MaxPool2d) for m in net)

@@ -1,0 +1,44 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from sslab.platform.cli import main
+
+from conftest import REPO
+
+
+def test_methods_lists_simclr_with_its_arguments(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "simclr:" in out and "temperature" in out and "projection" in out
+
+
+def test_validate_names_the_trials(tmp_path, tiny_raw, capsys):
+    tiny_raw.update(seeds=[0, 1])
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw))
+    assert main(["validate", str(path)]) == 0
+    assert "2 trial(s): seed=0, seed=1" in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "sslab.platform.cli", "--help"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "validate" in out.stdout
+
+
+@pytest.mark.ray
+def test_run_then_report_from_the_command_line(ray_cluster, tmp_path, tiny_raw, capsys):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw))
+    common = ["--workdir", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")]
+    assert main(["run", str(path), "--set", "train.epochs=1", *common]) == 0
+    report = tmp_path / "reports" / "tiny" / "report.md"
+    first = report.read_text()
+    assert "random init" in first and "seed=0" in first
+    report.unlink()
+    assert main(["report", str(path), *common]) == 0     # rebuilt from MLflow alone
+    assert report.read_text() == first
+    assert (tmp_path / "runs" / "mlflow.db").exists()

@@ -1,0 +1,82 @@
+"""Study validation: every error is one line naming the file and key, exit 2, nothing written."""
+import yaml
+import pytest
+
+from sslab.platform.cli import main
+from sslab.platform.config import ConfigError, build_study, flatten, load_study
+
+from conftest import REPO
+
+
+def write(tmp_path, raw):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_quickstart_is_valid():
+    study, _ = load_study(REPO / "studies" / "quickstart.yaml")
+    assert study.method == "simclr" and study.name == "quickstart"
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"train": {"epoks": 2}}, "train.epoks"),
+    ({"train": {"epochs": "two"}}, "train.epochs"),
+    ({"train": {"batch_size": -8}}, "train.batch_size"),
+    ({"method_args": {"temperature": 0}}, "method_args.temperature"),
+    ({"method_args": {"temprature": 0.1}}, "method_args.temprature"),
+    ({"method": "simclrr"}, "method"),
+    ({"data": {"name": "imagefolder", "root": "/no/such/folder"}}, "data.root"),
+    ({"data": {"name": "cifar10", "root": "/no/such/folder"}}, "data.root"),
+    ({"backbone": {"name": "resnet19"}}, "backbone.name"),
+    ({"sweep": {"method_args.temperature": [0.1, -1]}}, "sweep.method_args.temperature"),
+])
+def test_bad_study_exits_2_naming_file_and_key(tmp_path, tiny_raw, capsys, change, key):
+    for section, value in change.items():
+        if isinstance(value, dict) and isinstance(tiny_raw.get(section), dict):
+            tiny_raw[section].update(value)
+        else:
+            tiny_raw[section] = value
+    path = write(tmp_path, tiny_raw)
+    workdir = tmp_path / "runs"
+    code = main(["run", str(path), "--workdir", str(workdir), "--reports", str(tmp_path / "reports")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0, err
+    assert str(path) in err and key in err
+    assert not workdir.exists() and not (tmp_path / "reports").exists()
+
+
+def test_bad_override_is_reported_with_its_key(tmp_path, tiny_raw, capsys):
+    path = write(tmp_path, tiny_raw)
+    assert main(["validate", str(path), "--set", "train.lr=-1"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+
+
+def test_overrides_by_dotted_path(tmp_path, tiny_raw):
+    path = write(tmp_path, tiny_raw)
+    study, _ = load_study(path, ["train.epochs=7", "method_args.temperature=0.2", "data.subset=100"])
+    assert (study.train.epochs, study.method_args["temperature"], study.data.subset) == (7, 0.2, 100)
+
+
+def test_missing_file_and_invalid_yaml(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain: [unclosed\n")
+    assert main(["validate", str(bad)]) == 2
+    assert "bad.yaml" in capsys.readouterr().err
+
+
+def test_method_args_filled_with_defaults_and_flattened(tiny_raw):
+    study = build_study(tiny_raw)
+    flat = flatten(study.to_dict())
+    assert flat["method_args.temperature"] == 0.5
+    assert flat["train.batch_size"] == 64
+
+
+def test_int_accepted_for_float_but_bool_rejected(tiny_raw):
+    tiny_raw["train"]["lr"] = 1
+    assert build_study(tiny_raw).train.lr == 1.0
+    tiny_raw["train"]["lr"] = True
+    with pytest.raises(ConfigError, match="train.lr"):
+        build_study(tiny_raw)

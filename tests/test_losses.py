@@ -1,0 +1,70 @@
+"""Losses against direct transcriptions of the papers' formulas."""
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from sslab.methods.losses import nt_xent
+
+
+def nt_xent_by_the_paper(z1, z2, tau):
+    """SimCLR (Chen et al. 2020) eq. (1): l(i,j) = -log exp(sim(z_i,z_j)/tau) /
+    sum_{k != i} exp(sim(z_i,z_k)/tau), with L the mean of l(2k-1,2k) + l(2k,2k-1) over 2N."""
+    z = [v for pair in zip(z1, z2) for v in pair]         # views 2k-1, 2k are neighbours
+    sim = lambda a, b: float(a @ b / (a.norm() * b.norm()))
+    def l(i, j):
+        denominator = sum(math.exp(sim(z[i], z[k]) / tau) for k in range(len(z)) if k != i)
+        return -math.log(math.exp(sim(z[i], z[j]) / tau) / denominator)
+    n = len(z1)
+    return sum(l(2 * k, 2 * k + 1) + l(2 * k + 1, 2 * k) for k in range(n)) / (2 * n)
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5, 1.0])
+def test_nt_xent_matches_eq1(tau):
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    assert nt_xent(z1, z2, tau).item() == pytest.approx(nt_xent_by_the_paper(z1, z2, tau), rel=1e-5)
+
+
+def test_nt_xent_is_low_for_aligned_views():
+    z = torch.randn(8, 16)
+    assert nt_xent(z, z + 0.01 * torch.randn_like(z), 0.1) < nt_xent(z, torch.randn(8, 16), 0.1)
+
+
+def _ddp_worker(rank, world, port, z1, z2, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    n = len(z1) // world
+    a = z1[rank * n:(rank + 1) * n].clone().requires_grad_()
+    b = z2[rank * n:(rank + 1) * n].clone().requires_grad_()
+    loss = nt_xent(a, b, 0.5)
+    loss.backward()
+    # DDP averages parameter gradients over ranks; do the same to the inputs' gradients
+    # of this rank's slice to compare with the single-process global loss.
+    out[rank] = (loss.detach(), a.grad / world, b.grad / world)
+    dist.destroy_process_group()
+
+
+def test_nt_xent_under_ddp_uses_global_negatives():
+    """Two gloo ranks, each with half the batch: the mean of their losses and their gradients equal
+    the single-process loss over the whole batch (negatives span the global batch)."""
+    g = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
+    ref1, ref2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    reference = nt_xent(ref1, ref2, 0.5)
+    reference.backward()
+
+    manager = mp.Manager()
+    out = manager.dict()
+    port = 29500 + os.getpid() % 1000
+    mp.spawn(_ddp_worker, args=(2, port, z1, z2, out), nprocs=2, join=True)
+    mean_loss = (out[0][0] + out[1][0]) / 2
+    assert mean_loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    # Each rank's anchors only see their own loss term; the all_gather backward adds the
+    # other rank's contribution, so the gradient of this rank's slice is the global one.
+    assert torch.allclose(torch.cat([out[0][1], out[1][1]]), ref1.grad, atol=1e-6)
+    assert torch.allclose(torch.cat([out[0][2], out[1][2]]), ref2.grad, atol=1e-6)

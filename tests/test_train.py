@@ -1,0 +1,115 @@
+"""The training loop in-process: checkpoints, resume after a kill, failures, every method."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from sslab.methods.registry import METHODS
+from sslab.platform.config import build_study
+from sslab.platform.data import load_dataset
+from sslab.platform.train import (CHECKPOINT_NAME, LARS, build_method, learning_rate,
+                                  train_loop, trial_config)
+from sslab.platform.tracking import Tracker, TrialTracking
+
+from conftest import REPO
+
+
+def test_two_epochs_write_checkpoint_and_metrics(tmp_path, tiny_raw):
+    metrics = train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["epoch"] == 2 and state["step"] == 2 * (256 // 64)
+    assert {"loss", "knn_top1", "knn_top5", "lr", "images_per_s", "epoch"} <= set(metrics)
+    assert 0 <= metrics["knn_top1"] <= 1 and metrics["loss"] > 0
+
+
+def test_resume_continues_from_checkpoint(tmp_path, tiny_raw, capsys):
+    train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
+    tiny_raw["train"]["epochs"] = 3
+    metrics = train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
+    assert "resumed" in capsys.readouterr().out and metrics["epoch"] == 3
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["epoch"] == 3
+
+
+def test_non_finite_loss_fails_the_trial(tmp_path, tiny_raw):
+    tiny_raw["train"]["lr"] = 1e30
+    with pytest.raises(FloatingPointError):
+        train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
+
+
+def test_warmup_then_cosine():
+    lrs = [learning_rate(s, 100, 10, 1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5, abs=0.02)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
+
+
+def test_lars_scales_update_by_trust_ratio():
+    p = torch.nn.Parameter(torch.full((4,), 2.0))      # ||p|| = 4
+    p.grad = torch.full((4,), 0.5)                      # ||g|| = 1
+    LARS([p], lr=1.0, momentum=0.0, trust_coefficient=0.1).step()
+    # update = lr * eta * ||p|| / ||g|| * g = 0.1 * 4 * 0.5 = 0.2
+    assert torch.allclose(p.data, torch.full((4,), 1.8))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_takes_two_steps(name, tiny_raw):
+    tiny_raw["method"] = name
+    study = build_study(tiny_raw)
+    data = load_dataset(study.data)
+    method = build_method(study, data, torch.device("cpu"), total_steps=2)
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.01)
+    for step in range(2):
+        loss, metrics = method.training_step(data.train_images[:16], step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        method.on_step_end(step)
+        assert torch.isfinite(loss) and all(torch.isfinite(torch.as_tensor(v)) for v in metrics.values())
+    method.eval()
+    assert method.features(data.test_images[:4]).shape[0] == 4
+
+
+KILL_SCRIPT = """
+import json, sys
+from sslab.platform.config import build_study
+from sslab.platform.train import train_loop, trial_config
+from sslab.platform.tracking import TrialTracking
+raw, trial_dir, tracking = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+train_loop(trial_config(build_study(raw), trial_dir, TrialTracking(**tracking)))
+"""
+
+
+def test_killed_run_resumes_and_logs_each_epoch_once(tmp_path, tiny_raw, tracking_uri):
+    """SIGKILL mid-run, start again: it resumes from the last checkpoint, finishes, and MLflow
+    holds one child run with exactly one loss point per epoch."""
+    import json
+
+    tiny_raw["train"]["epochs"] = 8
+    tracker = Tracker(tracking_uri)
+    experiment = tracker.experiment("kill-test", tmp_path / "artifacts")
+    parent = tracker.start_parent(experiment, "parent", {"sslab.role": "study"})
+    tracking = TrialTracking(tracking_uri, experiment, parent, "seed=0")
+    args = [sys.executable, "-c", KILL_SCRIPT, json.dumps(tiny_raw), str(tmp_path / "trial"),
+            json.dumps(tracking.__dict__)]
+    first = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint = tmp_path / "trial" / CHECKPOINT_NAME
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert 1 <= killed_at < 8, "the run was not killed mid-way"
+
+    second = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"after epoch {killed_at}" in second.stdout
+    runs = tracker.child_runs(experiment, parent)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = sorted(m.step for m in tracker.client.get_metric_history(runs[0].info.run_id, "loss"))
+    assert steps == list(range(1, 9))
+    assert len(tracker.client.get_metric_history(runs[0].info.run_id, "random_init_knn_top1")) == 1
