@@ -37,3 +37,35 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     logits = local @ candidates.T / temperature
     logits[torch.arange(2 * n), self_index] = float("-inf")       # 1[k != i] in the denominator
     return F.cross_entropy(logits, positive_index)
+
+
+def info_nce_with_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor,
+                        temperature: float) -> torch.Tensor:
+    """MoCo (He et al. 2020) eq. (1): -log exp(q.k+/t) / (exp(q.k+/t) + sum_queue exp(q.k/t)).
+    q, k: [N, d] L2-normalised; queue: [K, d] L2-normalised negatives."""
+    positive = (q * k).sum(dim=1, keepdim=True)
+    negatives = q @ queue.T
+    logits = torch.cat([positive, negatives], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def byol_regression(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL (Grill et al. 2020) eq. (2): ||p/||p|| - z/||z|| ||^2 = 2 - 2 cos(p, z), batch mean."""
+    return (2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=1)).mean()
+
+
+def embedding_std(z: torch.Tensor) -> torch.Tensor:
+    """Collapse monitor (SimSiam, Chen & He 2021, Sec. 4.1): mean per-dimension std of the
+    L2-normalised embeddings: ~1/sqrt(d) when spread out, 0 when collapsed to a point."""
+    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from sslab.methods.base import Method
+from sslab.methods.byol import BYOL
+from sslab.methods.moco import MoCoV1, MoCoV2
 from sslab.methods.simclr import SimCLR
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SimCLR,)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SimCLR, MoCoV1, MoCoV2, BYOL)}
 
 
 def get_method_class(name: str) -> type[Method]:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from sslab.methods.base import Method, MethodContext
 from sslab.methods.heads import projection_head
-from sslab.methods.losses import nt_xent
+from sslab.methods.losses import embedding_std, nt_xent
 from sslab.platform.config import check
 
 
@@ -40,7 +40,7 @@ class SimCLR(Method):
         z1, z2 = z.chunk(2)
         loss = nt_xent(z1, z2, self.args.temperature)
         pos_sim = F.cosine_similarity(z1.detach().float(), z2.detach().float()).mean()
-        return loss, {"pos_sim": pos_sim}
+        return loss, {"pos_sim": pos_sim, "z_std": embedding_std(z)}
 
     @torch.no_grad()
     def features(self, images):

@@ -1,4 +1,4 @@
-"""sslab command line: run | validate | report | methods | ui.
+"""sslab command line: run | validate | report | methods | ui | bench.
 
 Bad input (a study file, a --set override) prints one line naming the file and key and exits
 with code 2 before anything is written.
@@ -79,6 +79,12 @@ def cmd_ui(args) -> int:
     os.execv(sys.executable, command)
 
 
+def cmd_bench(args) -> int:
+    from sslab.platform.bench import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(ui)
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(fn=cmd_ui)
+    bench = sub.add_parser("bench", help="throughput: sslab's data path vs a DataLoader pipeline vs the bare step")
+    from sslab.platform.bench import add_arguments
+    add_arguments(bench)
+    bench.set_defaults(fn=cmd_bench)
     return parser
 
 

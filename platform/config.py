@@ -130,6 +130,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_SCALARS = {bool: ((bool,), "true or false"), int: ((int,), "an integer"),
+            float: ((int, float), "a number"), str: ((str,), "a string")}
+
+
 def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     """Checks `value` against the annotation `tp` and returns it converted (int -> float)."""
     origin = typing.get_origin(tp)
@@ -156,22 +160,12 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(source, key, f"expected a mapping, got {value!r}")
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(source, key, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(source, key, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(source, key, f"expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(source, key, f"expected a string, got {value!r}")
-        return value
+    if tp in _SCALARS:
+        accepted, expected = _SCALARS[tp]
+        # bool is an int subclass in Python: `true` is not a batch size
+        if not isinstance(value, accepted) or (tp is not bool and isinstance(value, bool)):
+            raise ConfigError(source, key, f"expected {expected}, got {value!r}")
+        return float(value) if tp is float else value
     raise TypeError(f"unsupported annotation {tp!r} at {key}")
 
 
@@ -321,8 +315,6 @@ def _check_train(study: StudyConfig, source: str) -> None:
     if train.batch_size % train.num_workers:
         raise ConfigError(source, "train.batch_size",
                           f"{train.batch_size} is not divisible by train.num_workers={train.num_workers}")
-    if train.warmup_epochs >= train.epochs and train.warmup_epochs > 0:
-        raise ConfigError(source, "train.warmup_epochs", "must be smaller than train.epochs")
 
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[StudyConfig, dict]:

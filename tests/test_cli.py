@@ -42,3 +42,14 @@ def test_run_then_report_from_the_command_line(ray_cluster, tmp_path, tiny_raw, 
     assert main(["report", str(path), *common]) == 0     # rebuilt from MLflow alone
     assert report.read_text() == first
     assert (tmp_path / "runs" / "mlflow.db").exists()
+
+
+def test_ui_serves_the_study_store_on_localhost(tmp_path, monkeypatch, capsys):
+    called = {}
+    monkeypatch.setattr("os.execv", lambda exe, argv: called.update(argv=argv))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    main(["ui", "--workdir", str(tmp_path), "--port", "5123"])
+    argv = called["argv"]
+    assert argv[1:4] == ["-m", "mlflow", "ui"]
+    assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and "5123" in argv

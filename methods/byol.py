@@ -1,0 +1,59 @@
+"""BYOL: Grill et al. 2020, Bootstrap Your Own Latent."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sslab.methods.base import Method, MethodContext
+from sslab.methods.ema import cosine_momentum, ema_update, frozen_copy
+from sslab.methods.heads import projection_head
+from sslab.methods.losses import byol_regression, embedding_std
+from sslab.platform.augment import Augment, AugmentRecipe
+from sslab.platform.config import check
+
+
+@dataclass
+class BYOLArgs:
+    tau_base: float = check(default=0.99, ge=0, le=1)   # target EMA, rises to 1 (cosine)
+    proj_hidden_dim: int = check(default=4096, gt=0)
+    proj_dim: int = check(default=256, gt=0)
+    pred_hidden_dim: int = check(default=4096, gt=0)
+
+
+class BYOL(Method):
+    """Online (backbone, projector, predictor) regresses the EMA target's projection; no negatives."""
+    name = "byol"
+    Args = BYOLArgs
+    ddp_modules = ("backbone", "projector", "predictor")
+
+    def __init__(self, args: BYOLArgs, ctx: MethodContext):
+        super().__init__(args, ctx)
+        self.projector = projection_head("mlp", ctx.feature_dim, args.proj_hidden_dim, args.proj_dim)
+        self.predictor = projection_head("mlp", args.proj_dim, args.pred_hidden_dim, args.proj_dim)
+        self.target_backbone, self.target_projector = frozen_copy(self.backbone), frozen_copy(self.projector)
+        # BYOL's two views are augmented differently (Table 6): blur 1.0 / 0.1, solarize 0 / 0.2.
+        second = AugmentRecipe(**{**vars(ctx.augment.recipe), "blur_p": 0.1, "solarize_p": 0.2})
+        self.augment_second = Augment(second, ctx.image_size, ctx.normalize)
+
+    @classmethod
+    def augment_recipe(cls, args) -> AugmentRecipe:
+        return AugmentRecipe(jitter_strength=0.5, jitter_p=0.8, grayscale_p=0.2, blur_p=1.0)
+
+    def training_step(self, images, step):
+        v1, v2 = self.augment(images), self.augment_second(images)
+        z = self.projector(self.backbone(torch.cat([v1, v2])))
+        p1, p2 = self.predictor(z).chunk(2)
+        with torch.no_grad():
+            t1, t2 = self.target_projector(self.target_backbone(torch.cat([v1, v2]))).chunk(2)
+        loss = byol_regression(p1, t2) + byol_regression(p2, t1)   # symmetrised, L + L~
+        return loss, {"z_std": embedding_std(z), "tau": torch.tensor(self.tau(step))}
+
+    def tau(self, step: int) -> float:
+        return cosine_momentum(step, self.total_steps, self.args.tau_base)
+
+    @torch.no_grad()
+    def on_step_end(self, step):
+        tau = self.tau(step)
+        ema_update(self.target_backbone, self.backbone, tau)
+        ema_update(self.target_projector, self.projector, tau)

@@ -1,0 +1,31 @@
+"""Momentum (EMA) encoders and their schedules, shared by MoCo, BYOL and DINO."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy trained only by EMA: no gradients, so DDP and the optimiser leave it alone."""
+    target = copy.deepcopy(module)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """theta_target <- m * theta_target + (1 - m) * theta_online (MoCo eq. 2); buffers copied."""
+    for t, o in zip(target.parameters(), online.parameters()):
+        t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
+    for t, o in zip(target.buffers(), online.buffers()):
+        t.copy_(o)
+
+
+def cosine_momentum(step: int, total_steps: int, base: float) -> float:
+    """BYOL's schedule: tau = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2, from tau_base to 1."""
+    progress = min(1.0, step / max(1, total_steps))
+    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2

@@ -1,0 +1,215 @@
+"""`sslab bench`: training throughput of three data paths, side by side in one run.
+
+  sslab       uint8 dataset tensor on the device, whole-batch augmentation there (the real loop)
+  dataloader  torchvision DataLoader with PIL transforms in worker processes (the usual setup)
+  bare        the model's forward + backward + step on views made once (the ceiling)
+
+The same method, model, batch and optimiser in all three; only where the views come from
+differs. Prints the ratios and writes everything to a JSON file. Needs torch alone (no Ray,
+no MLflow), so it runs on a bare GPU machine too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform as std_platform
+import time
+from itertools import cycle
+
+import torch
+from torch import nn
+
+from sslab.platform.config import build_study
+from sslab.platform.data import load_dataset
+from sslab.platform.train import build_method, build_optimizer
+
+
+class ViewFeed(nn.Module):
+    """Stands in for a method's augmentation: returns views prepared elsewhere, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.views: list[torch.Tensor] = []
+
+    def forward(self, images):
+        return self.views.pop(0)
+
+
+def _study(args) -> dict:
+    return {"name": "bench", "method": args.method,
+            "data": {"name": args.data, "root": args.root, "subset": args.images,
+                     "train_size": args.images, "test_size": 16, "image_size": 32},
+            "backbone": {"name": args.backbone, "width": args.width},
+            "train": {"batch_size": args.batch_size, "amp": args.amp, "channels_last": args.channels_last,
+                      "compile": args.compile, "lr": 0.1, "use_gpu": args.device == "cuda"}}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_interleaved(step_fns: dict, rounds: int, steps: int, warmup: int, device) -> dict:
+    """Median seconds per step of each path. The paths take turns, `steps` at a time, so that
+    drift (warm-up, thermal, other load) hits them all alike rather than whichever ran first."""
+    import statistics
+
+    for fn in step_fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in step_fns}
+    for _ in range(rounds):
+        for name, fn in step_fns.items():
+            for _ in range(steps):
+                _sync(device)
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _train_step(method, optimizer, images, amp, device):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        loss, _ = method.training_step(images, 0)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def _pil_loader(data, recipe, batch_size: int, workers: int, views: int, mean, std, pin: bool):
+    """The conventional pipeline: PIL images, torchvision transforms per sample, DataLoader."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    s = recipe.jitter_strength
+    transform = T.Compose([
+        T.RandomResizedCrop(data.image_size, scale=(recipe.crop_scale_min, 1.0)),
+        T.RandomHorizontalFlip(recipe.flip_p),
+        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5))], p=recipe.jitter_p),
+        T.RandomGrayscale(recipe.grayscale_p),
+        T.ToTensor(), T.Normalize(mean, std)])
+    arrays = data.train_images.permute(0, 2, 3, 1).cpu().numpy()
+
+    class PilDataset(torch.utils.data.Dataset):   # like torchvision's CIFAR10: a PIL image per item
+        def __len__(self):
+            return len(arrays)
+
+        def __getitem__(self, i):
+            image = Image.fromarray(arrays[i])
+            return [transform(image) for _ in range(views)]
+
+    return torch.utils.data.DataLoader(PilDataset(), batch_size=batch_size, shuffle=True,
+                                       num_workers=workers, drop_last=True, pin_memory=pin,
+                                       persistent_workers=workers > 0)
+
+
+def run_bench(args) -> dict:
+    device = torch.device(args.device)
+    study = build_study(_study(args))
+    data = load_dataset(study.data)
+    data.train_images = data.train_images.to(device)
+    method = build_method(study, data, device, total_steps=1_000_000)
+    if args.compile:
+        method.backbone = torch.compile(method.backbone)
+    optimizer = build_optimizer(method, study.train)
+    views_per_image = 2
+    batch = args.batch_size
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def sslab_step():
+        index = torch.randint(len(data.train_images), (batch,), generator=gen).to(device)
+        _train_step(method, optimizer, data.train_images[index], args.amp, device)
+
+    real_augment = method.augment
+    fixed = [real_augment(data.train_images[:batch]) for _ in range(views_per_image)]
+    feed = ViewFeed()
+
+    def bare_step():
+        feed.views = list(fixed)
+        _train_step(method, optimizer, data.train_images[:batch], args.amp, device)
+
+    loader = _pil_loader(data, real_augment.recipe, batch, args.loader_workers, views_per_image,
+                         real_augment.normalize.mean.flatten().tolist(),
+                         real_augment.normalize.std.flatten().tolist(), device.type == "cuda")
+    batches = cycle(loader)
+
+    def loader_step():
+        feed.views = [v.to(device, non_blocking=True) for v in next(batches)]
+        if study.train.channels_last:
+            feed.views = [v.contiguous(memory_format=torch.channels_last) for v in feed.views]
+        _train_step(method, optimizer, data.train_images[:batch], args.amp, device)
+
+    def with_augment(augment, fn):
+        def step():
+            method.augment = augment
+            fn()
+        return step
+
+    seconds = _time_interleaved({"sslab": with_augment(real_augment, sslab_step),
+                                 "bare": with_augment(feed, bare_step),
+                                 "dataloader": with_augment(feed, loader_step)},
+                                args.rounds, args.steps, args.warmup, device)
+    method.augment = real_augment
+
+    epoch_images = args.epoch_images
+    paths = {name: {"seconds_per_step": s, "images_per_s": batch / s,
+                    "views_per_s": views_per_image * batch / s, "seconds_per_epoch": epoch_images / batch * s}
+             for name, s in seconds.items()}
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        f"cpu ({os.cpu_count()} cores, {std_platform.processor() or std_platform.machine()})",
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "fn", "command")},
+        "paths": paths,
+        "ratios": {
+            "data_path_overhead_vs_bare": seconds["sslab"] / seconds["bare"] - 1,
+            "sslab_speedup_vs_dataloader": seconds["dataloader"] / seconds["sslab"],
+        },
+    }
+
+
+def format_result(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"device: {result['device']}, torch {result['torch']}, {result['threads']} threads",
+             f"{s['method']} / {s['backbone']} width {s['width']}, batch {s['batch_size']}, "
+             f"amp {s['amp']}, channels_last {s['channels_last']}, compile {s['compile']}, "
+             f"median of {s['rounds']} rounds x {s['steps']} steps per path (interleaved), after {s['warmup']} warm-up",
+             f"{'path':<11}{'s/step':>9}{'images/s':>11}{'views/s':>11}{'s/epoch':>10}  (epoch = {s['epoch_images']} images)"]
+    for name, p in result["paths"].items():
+        lines.append(f"{name:<11}{p['seconds_per_step']:>9.4f}{p['images_per_s']:>11.0f}"
+                     f"{p['views_per_s']:>11.0f}{p['seconds_per_epoch']:>10.2f}")
+    r = result["ratios"]
+    lines.append(f"sslab data path costs {100 * r['data_path_overhead_vs_bare']:+.1f}% over the bare model step; "
+                 f"sslab is {r['sslab_speedup_vs_dataloader']:.2f}x the DataLoader pipeline")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="simclr")
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per path per round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds in which the paths take turns")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    p.add_argument("--data", default="synthetic", choices=["synthetic", "imagefolder", "cifar10"])
+    p.add_argument("--root", help="dataset root for imagefolder / cifar10")
+    p.add_argument("--images", type=int, default=2048, help="images held in the dataset tensor")
+    p.add_argument("--epoch-images", type=int, default=50_000, help="images per epoch for s/epoch (CIFAR-10: 50k)")
+    p.add_argument("--loader-workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--out", default="bench.json", help="JSON file for the results")
+
+
+def main(args) -> int:
+    result = run_bench(args)
+    print(format_result(result))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"written to {args.out}")
+    return 0

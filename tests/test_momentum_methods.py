@@ -1,0 +1,94 @@
+"""MoCo and BYOL: losses against the papers' formulas, and the EMA / queue updates."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sslab.methods.ema import cosine_momentum, ema_update, frozen_copy
+from sslab.methods.losses import byol_regression, embedding_std, info_nce_with_queue
+from sslab.methods.registry import get_method_class
+from sslab.platform.config import build_study
+from sslab.platform.data import load_dataset
+from sslab.platform.train import build_method
+
+
+def test_moco_info_nce_matches_eq1():
+    """MoCo eq. (1): L_q = -log exp(q.k+/t) / sum_{i=0..K} exp(q.k_i/t), k_0 = k+, the rest the queue."""
+    g = torch.Generator().manual_seed(0)
+    q, k = F.normalize(torch.randn(4, 8, generator=g), dim=1), F.normalize(torch.randn(4, 8, generator=g), dim=1)
+    queue = F.normalize(torch.randn(10, 8, generator=g), dim=1)
+    t = 0.07
+    expected = 0.0
+    for i in range(4):
+        terms = [math.exp(float(q[i] @ k[i]) / t)] + [math.exp(float(q[i] @ n) / t) for n in queue]
+        expected += -math.log(terms[0] / sum(terms)) / 4
+    assert info_nce_with_queue(q, k, queue, t).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_byol_loss_matches_eq2():
+    """BYOL eq. (2): || q/||q|| - z/||z|| ||_2^2, averaged over the batch."""
+    p, z = torch.randn(5, 6), torch.randn(5, 6)
+    expected = ((p / p.norm(dim=1, keepdim=True) - z / z.norm(dim=1, keepdim=True)) ** 2).sum(1).mean()
+    assert byol_regression(p, z).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_ema_update_follows_the_momentum_rule():
+    online = nn.Linear(3, 2)
+    target = frozen_copy(online)
+    before = target.weight.clone()
+    with torch.no_grad():
+        online.weight.add_(1.0)
+    ema_update(target, online, 0.9)
+    assert torch.allclose(target.weight, 0.9 * before + 0.1 * online.weight)
+    assert not any(p.requires_grad for p in target.parameters())
+
+
+def test_byol_tau_rises_from_base_to_one_on_a_cosine():
+    assert cosine_momentum(0, 100, 0.99) == pytest.approx(0.99)
+    assert cosine_momentum(50, 100, 0.99) == pytest.approx(0.995)
+    assert cosine_momentum(100, 100, 0.99) == pytest.approx(1.0)
+
+
+def _method(name, tiny_raw, **args):
+    tiny_raw.update(method=name, method_args=args)
+    study = build_study(tiny_raw)
+    data = load_dataset(study.data)
+    return build_method(study, data, torch.device("cpu"), total_steps=10), data
+
+
+def test_moco_queue_is_fifo_and_wraps(tiny_raw):
+    moco, _ = _method("moco_v2", tiny_raw, queue_size=8, proj_dim=4)
+    first, second = torch.ones(6, 4), 2 * torch.ones(6, 4)
+    moco.enqueue(first)
+    moco.enqueue(second)
+    # 6 ones at 0..5, then twos at 6, 7 and wrapping to 0..3: the oldest keys went first
+    assert moco.queue[:, 0].tolist() == [2, 2, 2, 2, 1, 1, 2, 2] and moco.queue_ptr.item() == 4
+
+
+def test_moco_step_enqueues_its_keys_and_moves_the_key_encoder(tiny_raw):
+    moco, data = _method("moco_v2", tiny_raw, queue_size=64, momentum=0.5)
+    key_before = [p.clone() for p in moco.key_backbone.parameters()]
+    loss, _ = moco.training_step(data.train_images[:16], 0)
+    loss.backward()
+    with torch.no_grad():
+        for p in moco.backbone.parameters():
+            p.add_(0.1)
+    moco.on_step_end(0)
+    assert moco.queue_ptr.item() == 16
+    moved = [not torch.equal(a, b) for a, b in zip(key_before, moco.key_backbone.parameters())]
+    assert all(moved)
+
+
+def test_moco_versions_differ_as_the_papers_say(tiny_raw):
+    v1, _ = _method("moco_v1", tiny_raw)
+    v2, _ = _method("moco_v2", dict(tiny_raw))
+    assert isinstance(v1.head, nn.Linear) and isinstance(v2.head, nn.Sequential)
+    assert v1.args.temperature == 0.07 and v2.args.temperature == 0.2
+    assert v1.augment.recipe.blur_p == 0 and v2.augment.recipe.blur_p > 0
+
+
+def test_embedding_std_detects_collapse():
+    assert embedding_std(torch.ones(32, 16) + 1e-6 * torch.randn(32, 16)) < 1e-3
+    assert embedding_std(torch.randn(4096, 16)) == pytest.approx(1 / math.sqrt(16), rel=0.05)
