@@ -25,6 +25,7 @@ class MethodContext:
     augment: Augment                # uint8 -> one augmented view (per-sample parameters)
     total_steps: int                # for schedules that are pure functions of the step
     world_size: int = 1
+    dataset: object = None          # the Dataset (classes, captions), for methods that need more than pixels
 
 
 class Method(nn.Module):
@@ -48,13 +49,19 @@ class Method(nn.Module):
         """The method's own augmentation; a study's `augment:` section overrides fields of it."""
         return AugmentRecipe()
 
-    def training_step(self, images: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_step(self, images: torch.Tensor, step: int,
+                      index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns the loss and detached scalar metrics (tensors: the platform averages them on
-        the device and syncs once per report, not once per step)."""
+        the device and syncs once per report, not once per step). `index` holds the images'
+        positions in the training set, for methods that pair images with other data (captions)."""
         raise NotImplementedError
 
     def on_step_end(self, step: int) -> None:
         """After the optimiser step: EMA updates, queues, centres."""
+
+    def evaluate(self, data) -> dict[str, float]:
+        """Method-specific evaluation (e.g. zero-shot accuracy), run beside the kNN monitor."""
+        return {}
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ class BYOL(Method):
     def augment_recipe(cls, args) -> AugmentRecipe:
         return AugmentRecipe(jitter_strength=0.5, jitter_p=0.8, grayscale_p=0.2, blur_p=1.0)
 
-    def training_step(self, images, step):
+    def training_step(self, images, step, index=None):
         v1, v2 = self.augment(images), self.augment_second(images)
         z = self.projector(self.backbone(torch.cat([v1, v2])))
         p1, p2 = self.predictor(z).chunk(2)

@@ -52,7 +52,7 @@ class MoCoV2(Method):
         # v2 adds blur to v1's recipe (MoCo v2, Sec. 2); solarize stays off.
         return AugmentRecipe(jitter_strength=0.5, blur_p=0.5)
 
-    def training_step(self, images, step):
+    def training_step(self, images, step, index=None):
         q_view, k_view = self.augment(images), self.augment(images)
         q = F.normalize(self.head(self.backbone(q_view)).float(), dim=1)
         with torch.no_grad():

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from sslab.methods.base import Method
 from sslab.methods.byol import BYOL
+from sslab.methods.clip import CLIP
+from sslab.methods.dino import DINO
 from sslab.methods.moco import MoCoV1, MoCoV2
 from sslab.methods.simclr import SimCLR
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SimCLR, MoCoV1, MoCoV2, BYOL)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SimCLR, MoCoV1, MoCoV2, BYOL, DINO, CLIP)}
 
 
 def get_method_class(name: str) -> type[Method]:

@@ -34,7 +34,7 @@ class SimCLR(Method):
         self.head = projection_head(args.projection, ctx.feature_dim, args.proj_hidden_dim,
                                     args.proj_dim, depth=args.proj_depth)
 
-    def training_step(self, images, step):
+    def training_step(self, images, step, index=None):
         v1, v2 = self.augment(images), self.augment(images)
         z = self.head(self.backbone(torch.cat([v1, v2])))
         z1, z2 = z.chunk(2)

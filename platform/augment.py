@@ -18,6 +18,7 @@ from sslab.platform.config import AugmentConfig
 class AugmentRecipe:
     """One view's augmentation; defaults are SimCLR's CIFAR-10 recipe (Chen et al. 2020, App. B.9)."""
     crop_scale_min: float = 0.08
+    crop_scale_max: float = 1.0
     flip_p: float = 0.5
     jitter_strength: float = 0.5      # s: brightness/contrast/saturation 0.8s, hue 0.2s
     jitter_p: float = 0.8
@@ -61,7 +62,7 @@ class Augment(nn.Module):
         import kornia.augmentation as K
 
         s = recipe.jitter_strength
-        ops = [K.RandomResizedCrop((size, size), scale=(recipe.crop_scale_min, 1.0)),
+        ops = [K.RandomResizedCrop((size, size), scale=(recipe.crop_scale_min, recipe.crop_scale_max)),
                K.RandomHorizontalFlip(p=recipe.flip_p)]
         if recipe.jitter_p > 0 and s > 0:
             ops.append(K.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5), p=recipe.jitter_p))

@@ -61,5 +61,5 @@ def _vit(cfg: BackboneConfig, image_size: int) -> tuple[nn.Module, int]:
     size = dict(VIT_SIZES[cfg.name])
     size["embed_dim"] = max(size["num_heads"], round(size["embed_dim"] * cfg.width / size["num_heads"]) * size["num_heads"])
     net = VisionTransformer(img_size=image_size, patch_size=cfg.patch_size, num_classes=0,
-                            global_pool="token", **size)
+                            global_pool="token", dynamic_img_size=True, **size)   # any crop size (multi-crop)
     return net, net.num_features

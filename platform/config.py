@@ -61,6 +61,7 @@ class BackboneConfig:
 class AugmentConfig:
     """Overrides of the method's own recipe; a field left as None keeps the method's value."""
     crop_scale_min: Optional[float] = check(default=None, gt=0, le=1)
+    crop_scale_max: Optional[float] = check(default=None, gt=0, le=1)
     flip_p: Optional[float] = check(default=None, ge=0, le=1)
     jitter_strength: Optional[float] = check(default=None, ge=0)
     jitter_p: Optional[float] = check(default=None, ge=0, le=1)

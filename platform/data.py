@@ -20,6 +20,12 @@ from sslab.platform.config import DataConfig
 
 SYNTHETIC_CLASSES = ("disk", "square", "triangle", "ring", "cross",
                      "hbars", "vbars", "diagonal", "checker", "diamond")
+# How captions name the classes and colours (for image-text methods such as CLIP).
+SHAPE_WORDS = ("disk", "square", "triangle", "ring", "cross", "horizontal bars", "vertical bars",
+               "diagonal stripes", "checkerboard", "diamond")
+COLOUR_NAMES = {"red": (1, 0, 0), "orange": (1, .55, 0), "yellow": (1, 1, 0), "green": (0, .75, 0),
+                "cyan": (0, 1, 1), "blue": (0, 0, 1), "purple": (.5, 0, .6), "pink": (1, .5, .75),
+                "white": (1, 1, 1), "black": (0, 0, 0), "gray": (.5, .5, .5), "brown": (.55, .3, .1)}
 
 
 @dataclass
@@ -30,6 +36,9 @@ class Dataset:
     train_labels: torch.Tensor   # int64 [N]
     test_images: torch.Tensor
     test_labels: torch.Tensor
+    train_captions: list[str] | None = None     # one per image, where the data has them
+    test_captions: list[str] | None = None
+    class_prompts: list[list[str]] | None = None  # per class, captions that describe it (zero-shot)
 
     @property
     def image_size(self) -> int:
@@ -44,18 +53,19 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     loaders = {"synthetic": _synthetic, "cifar10": _torchvision, "cifar100": _torchvision,
                "stl10": _torchvision, "imagefolder": _imagefolder}
     data = loaders[cfg.name](cfg)
-    data.train_images, data.train_labels = _subset(data.train_images, data.train_labels,
-                                                   cfg.subset, cfg.seed)
-    data.test_images, data.test_labels = _subset(data.test_images, data.test_labels,
-                                                 cfg.test_subset, cfg.seed)
+    data.train_images, data.train_labels, data.train_captions = _subset(
+        data.train_images, data.train_labels, data.train_captions, cfg.subset, cfg.seed)
+    data.test_images, data.test_labels, data.test_captions = _subset(
+        data.test_images, data.test_labels, data.test_captions, cfg.test_subset, cfg.seed)
     return data
 
 
-def _subset(images: torch.Tensor, labels: torch.Tensor, size: int | None, seed: int):
+def _subset(images: torch.Tensor, labels: torch.Tensor, captions: list[str] | None,
+            size: int | None, seed: int):
     if size is None or size >= len(images):
-        return images, labels
+        return images, labels, captions
     keep = _subset_indices(len(images), size, seed)
-    return images[keep], labels[keep]
+    return images[keep], labels[keep], captions and [captions[i] for i in keep.tolist()]
 
 
 def _subset_indices(total: int, size: int, seed: int) -> torch.Tensor:
@@ -67,13 +77,27 @@ def _subset_indices(total: int, size: int, seed: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- synthetic
 
 def _synthetic(cfg: DataConfig) -> Dataset:
-    train = make_synthetic(cfg.train_size, cfg.image_size, seed=cfg.seed)
-    test = make_synthetic(cfg.test_size, cfg.image_size, seed=cfg.seed + 1_000_003)
-    return Dataset("synthetic", list(SYNTHETIC_CLASSES), *train, *test)
+    train_images, train_labels, train_captions = make_synthetic(cfg.train_size, cfg.image_size, seed=cfg.seed)
+    test_images, test_labels, test_captions = make_synthetic(cfg.test_size, cfg.image_size, seed=cfg.seed + 1_000_003)
+    prompts = [[caption(shape, fg, bg) for fg in COLOUR_NAMES for bg in COLOUR_NAMES if fg != bg]
+               for shape in SHAPE_WORDS]
+    return Dataset("synthetic", list(SYNTHETIC_CLASSES), train_images, train_labels, test_images,
+                   test_labels, train_captions, test_captions, prompts)
 
 
-def make_synthetic(count: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draws `count` labelled images; the same seed gives the same images."""
+def caption(shape: str, foreground: str, background: str) -> str:
+    return f"a {foreground} {shape} on {background}"
+
+
+def colour_names(rgb: torch.Tensor) -> list[str]:
+    """The nearest named colour of each [N, 3] RGB row in [0, 1]."""
+    names = list(COLOUR_NAMES)
+    palette = torch.tensor(list(COLOUR_NAMES.values()), dtype=torch.float32)
+    return [names[i] for i in torch.cdist(rgb.float(), palette).argmin(dim=1).tolist()]
+
+
+def make_synthetic(count: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Draws `count` labelled, captioned images; the same seed gives the same images."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(count) % len(SYNTHETIC_CLASSES)
     labels = labels[torch.randperm(count, generator=g)]
@@ -114,7 +138,9 @@ def make_synthetic(count: int, size: int, seed: int) -> tuple[torch.Tensor, torc
     gradient = uniform(-0.15, 0.15, count, 3, 1, 1) * yy
     image = mask * foreground + (1 - mask) * (background + gradient)
     image = image + 0.06 * torch.randn(count, 3, size, size, generator=g)
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8), labels
+    captions = [caption(SHAPE_WORDS[label], fg, bg) for label, fg, bg in
+                zip(labels.tolist(), colour_names(foreground.flatten(1)), colour_names(background.flatten(1)))]
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8), labels, captions
 
 
 # ----------------------------------------------------------------------------- torchvision

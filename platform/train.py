@@ -81,7 +81,7 @@ def build_method(study: StudyConfig, data: Dataset, device: torch.device, total_
     recipe = method_cls.augment_recipe(args).with_overrides(study.augment)
     augment = Augment(recipe, data.image_size, normalize)
     ctx = MethodContext(backbone, feature_dim, data.image_size, normalize, augment,
-                        total_steps, world_size)
+                        total_steps, world_size, dataset=data)
     method = method_cls(args, ctx).to(device)
     if study.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
@@ -215,8 +215,9 @@ def knn_eval(method: Method, data: Dataset, study: StudyConfig, runtime: Runtime
     with unwrapped(method), eval_mode(method):
         train_f = extract_features(method.features, data.train_images, runtime.device, amp=study.train.amp)
         test_f = extract_features(method.features, data.test_images, runtime.device, amp=study.train.amp)
+        extra = method.evaluate(data)
     return knn_accuracy(train_f, data.train_labels, test_f, data.test_labels, len(data.classes),
-                        k=study.eval.knn_k, temperature=study.eval.knn_temperature)
+                        k=study.eval.knn_k, temperature=study.eval.knn_temperature) | extra
 
 
 class TrialLogger:
@@ -335,7 +336,7 @@ def run_epoch(method, optimizer, data, study, runtime, epoch, step, steps_per_ep
         index = order[begin:begin + local_batch].to(data.train_images.device)
         images = data.train_images[index].to(runtime.device, non_blocking=True)
         with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=train.amp):
-            loss, step_metrics = method.training_step(images, step)
+            loss, step_metrics = method.training_step(images, step, index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -9,7 +9,7 @@ from sslab.platform.data import make_synthetic
 
 
 def test_augment_draws_parameters_per_sample():
-    images, _ = make_synthetic(1, 32, seed=0)
+    images, _, _ = make_synthetic(1, 32, seed=0)
     batch = images.repeat(16, 1, 1, 1)                  # 16 copies of one image
     augment = Augment(AugmentRecipe(blur_p=0.5, solarize_p=0.2), 32, Normalize(*channel_stats(batch)))
     views = augment(batch)
@@ -24,7 +24,7 @@ def test_recipe_overrides_only_fields_set():
 
 
 def test_normalize_gives_zero_mean_unit_std():
-    images, _ = make_synthetic(256, 16, seed=1)
+    images, _, _ = make_synthetic(256, 16, seed=1)
     x = Normalize(*channel_stats(images))(images)
     assert x.mean(dim=(0, 2, 3)).abs().max() < 1e-3
     assert (x.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-2

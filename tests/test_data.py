@@ -6,13 +6,22 @@ from sslab.platform.data import SYNTHETIC_CLASSES, load_dataset, make_synthetic
 
 
 def test_synthetic_is_deterministic_balanced_and_varied():
-    a, la = make_synthetic(200, 24, seed=3)
-    b, lb = make_synthetic(200, 24, seed=3)
-    c, _ = make_synthetic(200, 24, seed=4)
+    a, la, captions = make_synthetic(200, 24, seed=3)
+    b, lb, _ = make_synthetic(200, 24, seed=3)
+    c, _, _ = make_synthetic(200, 24, seed=4)
     assert torch.equal(a, b) and torch.equal(la, lb) and not torch.equal(a, c)
     assert a.dtype == torch.uint8 and a.shape == (200, 3, 24, 24)
     assert torch.bincount(la, minlength=10).tolist() == [20] * len(SYNTHETIC_CLASSES)
     assert a.float().std() > 20   # real structure, not a flat colour
+    assert len(captions) == 200 and all(c.startswith("a ") and " on " in c for c in captions)
+
+
+def test_synthetic_captions_name_the_shape_and_colours_drawn():
+    from sslab.platform.data import SHAPE_WORDS, colour_names
+    _, labels, captions = make_synthetic(50, 16, seed=0)
+    for label, text in zip(labels.tolist(), captions):
+        assert f" {SHAPE_WORDS[label]} on " in text
+    assert colour_names(torch.tensor([[0.95, 0.05, 0.0], [0.1, 0.1, 0.9]])) == ["red", "blue"]
 
 
 def test_synthetic_train_and_test_differ_and_subset():

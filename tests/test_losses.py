@@ -8,7 +8,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from sslab.methods.clip import clip_loss
 from sslab.methods.losses import nt_xent
+
+LOSSES = {"nt_xent": lambda a, b: nt_xent(a, b, 0.5),
+          "clip": lambda a, b: clip_loss(a, b, torch.tensor(2.0))}
 
 
 def nt_xent_by_the_paper(z1, z2, tau):
@@ -35,13 +39,13 @@ def test_nt_xent_is_low_for_aligned_views():
     assert nt_xent(z, z + 0.01 * torch.randn_like(z), 0.1) < nt_xent(z, torch.randn(8, 16), 0.1)
 
 
-def _ddp_worker(rank, world, port, z1, z2, out):
+def _ddp_worker(rank, world, port, loss_name, z1, z2, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     n = len(z1) // world
     a = z1[rank * n:(rank + 1) * n].clone().requires_grad_()
     b = z2[rank * n:(rank + 1) * n].clone().requires_grad_()
-    loss = nt_xent(a, b, 0.5)
+    loss = LOSSES[loss_name](a, b)
     loss.backward()
     # DDP averages parameter gradients over ranks; do the same to the inputs' gradients
     # of this rank's slice to compare with the single-process global loss.
@@ -49,19 +53,20 @@ def _ddp_worker(rank, world, port, z1, z2, out):
     dist.destroy_process_group()
 
 
-def test_nt_xent_under_ddp_uses_global_negatives():
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+def test_loss_under_ddp_uses_global_negatives(loss_name):
     """Two gloo ranks, each with half the batch: the mean of their losses and their gradients equal
     the single-process loss over the whole batch (negatives span the global batch)."""
     g = torch.Generator().manual_seed(1)
     z1, z2 = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
     ref1, ref2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
-    reference = nt_xent(ref1, ref2, 0.5)
+    reference = LOSSES[loss_name](ref1, ref2)
     reference.backward()
 
     manager = mp.Manager()
     out = manager.dict()
-    port = 29500 + os.getpid() % 1000
-    mp.spawn(_ddp_worker, args=(2, port, z1, z2, out), nprocs=2, join=True)
+    port = 29500 + os.getpid() % 1000 + (7 if loss_name == "clip" else 0)
+    mp.spawn(_ddp_worker, args=(2, port, loss_name, z1, z2, out), nprocs=2, join=True)
     mean_loss = (out[0][0] + out[1][0]) / 2
     assert mean_loss.item() == pytest.approx(reference.item(), rel=1e-5)
     # Each rank's anchors only see their own loss term; the all_gather backward adds the

@@ -63,7 +63,7 @@ def test_every_method_takes_two_steps(name, tiny_raw):
     method = build_method(study, data, torch.device("cpu"), total_steps=2)
     optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.01)
     for step in range(2):
-        loss, metrics = method.training_step(data.train_images[:16], step)
+        loss, metrics = method.training_step(data.train_images[:16], step, torch.arange(16))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -71,6 +71,7 @@ def test_every_method_takes_two_steps(name, tiny_raw):
         assert torch.isfinite(loss) and all(torch.isfinite(torch.as_tensor(v)) for v in metrics.values())
     method.eval()
     assert method.features(data.test_images[:4]).shape[0] == 4
+    assert all(0 <= v <= 1 for v in method.evaluate(data).values())
 
 
 KILL_SCRIPT = """

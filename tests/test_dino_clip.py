@@ -1,0 +1,110 @@
+"""DINO and CLIP: losses against the papers' formulas; centre, schedules, crops, captions."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sslab.methods.clip import END, PAD, START, WordTokenizer, clip_loss
+from sslab.methods.dino import dino_loss
+from sslab.platform.config import build_study
+from sslab.platform.data import load_dataset
+from sslab.platform.train import build_method
+
+
+def test_dino_loss_matches_eq3():
+    """DINO eq. (3): sum_{x in globals} sum_{x' != x} H(P_t(x), P_s(x')), with
+    P_t = softmax((g_t - c)/tau_t) and H(a, b) = -a . log b; here averaged over the pairs."""
+    g = torch.Generator().manual_seed(0)
+    student = [torch.randn(3, 5, generator=g) for _ in range(4)]     # 2 global + 2 local
+    teacher = [torch.randn(3, 5, generator=g) for _ in range(2)]
+    center, ts, tt = torch.randn(1, 5, generator=g), 0.1, 0.04
+    total, pairs = 0.0, 0
+    for i in range(2):
+        for j in range(4):
+            if i == j:
+                continue
+            for b in range(3):
+                pt = [math.exp((teacher[i][b, k] - center[0, k]) / tt) for k in range(5)]
+                ps = [math.exp(student[j][b, k] / ts) for k in range(5)]
+                total += -sum(pt[k] / sum(pt) * math.log(ps[k] / sum(ps)) for k in range(5)) / 3
+            pairs += 1
+    assert dino_loss(student, teacher, center, ts, tt).item() == pytest.approx(total / pairs, rel=1e-4)
+
+
+def _method(name, tiny_raw, **args):
+    tiny_raw.update(method=name, method_args=args)
+    study = build_study(tiny_raw)
+    data = load_dataset(study.data)
+    return build_method(study, data, torch.device("cpu"), total_steps=100), data
+
+
+def test_dino_center_is_an_ema_of_teacher_outputs(tiny_raw):
+    dino, _ = _method("dino", tiny_raw, out_dim=8, center_momentum=0.9)
+    dino.update_center(torch.ones(1, 8))
+    assert torch.allclose(dino.center, torch.full((1, 8), 0.1))
+    dino.update_center(torch.ones(1, 8))
+    assert torch.allclose(dino.center, torch.full((1, 8), 0.19))
+
+
+def test_dino_teacher_temperature_warms_up_linearly(tiny_raw):
+    dino, _ = _method("dino", tiny_raw, warmup_teacher_temp=0.04, teacher_temp=0.07, teacher_temp_warmup=0.3)
+    assert dino.teacher_temp(0) == pytest.approx(0.04)
+    assert dino.teacher_temp(15) == pytest.approx(0.055)
+    assert dino.teacher_temp(30) == dino.teacher_temp(99) == pytest.approx(0.07)
+
+
+def test_dino_multi_crop_views(tiny_raw):
+    dino, data = _method("dino", tiny_raw, local_crops=3, out_dim=16)
+    images = data.train_images[:4]
+    assert [v(images).shape[-1] for v in dino.global_views] == [16, 16]
+    assert dino.local_view(images).shape[-1] == dino.local_size < 16
+    loss, metrics = dino.training_step(images, 0)
+    assert torch.isfinite(loss) and 0 <= metrics["teacher_entropy"] <= math.log(16) + 1e-4
+
+
+def test_dino_runs_on_a_vit(tiny_raw):
+    tiny_raw["backbone"] = {"name": "vit_tiny", "patch_size": 4, "width": 0.25}
+    dino, data = _method("dino", tiny_raw, local_crops=2, out_dim=16)
+    loss, _ = dino.training_step(data.train_images[:4], 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_clip_loss_matches_the_papers_pseudocode():
+    """CLIP Fig. 3: logits = I_e . T_e^T * exp(t); loss = (CE(logits, arange) + CE(logits^T, arange)) / 2."""
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    scale = torch.tensor(math.log(1 / 0.07))
+    i_e, t_e = F.normalize(image, dim=1), F.normalize(text, dim=1)
+    logits = i_e @ t_e.T * scale.exp()
+    rows = [-math.log(math.exp(logits[i, i]) / sum(math.exp(v) for v in logits[i])) for i in range(5)]
+    cols = [-math.log(math.exp(logits[i, i]) / sum(math.exp(v) for v in logits[:, i])) for i in range(5)]
+    expected = (sum(rows) / 5 + sum(cols) / 5) / 2
+    assert clip_loss(image, text, scale).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_tokenizer_frames_words_and_pads():
+    tok = WordTokenizer(["a red disk on blue", "a blue ring on red"], max_tokens=8)
+    ids = tok(["a red ring", "a green disk"])
+    assert ids[0, 0] == START and ids[0, 4] == END and (ids[0, 5:] == PAD).all()
+    assert ids[1, 3] == END   # 'green' is not in the vocabulary: dropped
+
+
+def test_clip_pairs_images_with_their_captions_and_scores_zero_shot(tiny_raw):
+    clip, data = _method("clip", tiny_raw)
+    assert clip.train_tokens.shape == (len(data.train_images), 16)
+    assert clip.augment.recipe.jitter_p == 0   # captions name colours
+    loss, metrics = clip.training_step(data.train_images[:8], 0, torch.arange(8))
+    assert loss.item() == pytest.approx(math.log(8), rel=0.3)   # chance level at init
+    clip.eval()
+    assert 0 <= clip.evaluate(data)["zero_shot_top1"] <= 1
+
+
+def test_clip_captions_from_a_template_for_labelled_folders(tiny_raw):
+    clip, data = _method("clip", tiny_raw, caption_template="a picture of a {}")
+    data.train_captions, data.class_prompts = None, None
+    from sslab.platform.train import build_method as rebuild
+    study = build_study(tiny_raw)
+    clip = rebuild(study, data, torch.device("cpu"), total_steps=10)
+    assert clip.prompts[0] == ["a picture of a disk"]
