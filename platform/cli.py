@@ -1,4 +1,4 @@
-"""sslab command line: run | validate | report | methods | ui | bench.
+"""sslab command line: run | validate | report | eval | methods | ui | bench.
 
 Bad input (a study file, a --set override) prints one line naming the file and key and exits
 with code 2 before anything is written.
@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from sslab.platform.config import ConfigError, load_study
+from sslab.platform.config import ConfigError, load_study, parse_override
 
 EXIT_BAD_INPUT = 2
 
@@ -55,6 +55,49 @@ def cmd_report(args) -> int:
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(_workdir(args))
     out = build_report(name, uri, Path(args.reports) / name, parent_run_id=args.parent_run)
     print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Evaluates an MLflow run's checkpoint and logs eval/... metrics to that run."""
+    import json
+
+    import torch
+
+    from sslab.platform.config import build_study, set_dotted
+    from sslab.platform.tracking import Tracker, default_tracking_uri
+    from sslab.platform.train import evaluate_checkpoint
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(_workdir(args))
+    tracker = Tracker(uri)
+    try:
+        run = tracker.client.get_run(args.run)
+    except Exception:
+        raise ConfigError(uri, "RUN", f"no MLflow run {args.run!r}") from None
+    raw = json.loads(Path(tracker.client.download_artifacts(args.run, "config.json")).read_text())
+    raw["sweep"] = {}
+    if args.protocol:
+        raw["eval"]["protocols"] = args.protocol
+    if args.label_fraction:
+        raw["eval"]["label_fractions"] = args.label_fraction
+    for text in args.set:
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
+    study = build_study(raw, source=f"run {args.run}")
+    checkpoint = Path(run.data.tags.get("sslab.checkpoint", ""))
+    if not checkpoint.is_file():
+        raise ConfigError(f"run {args.run}", "tags.sslab.checkpoint", f"no checkpoint at {checkpoint}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and study.train.use_gpu else "cpu"))
+    metrics, subsets, epoch = evaluate_checkpoint(study, checkpoint, device)
+    if args.random_init:
+        metrics |= evaluate_checkpoint(study, None, device, prefix="eval/random_init_")[0]
+    tracker.log_metrics(args.run, metrics, step=epoch)
+    if subsets:
+        tracker.log_dict(args.run, subsets, "eval/label_subsets.json")
+    width = max(len(k) for k in metrics)
+    print(f"run {args.run} ({run.info.run_name}), checkpoint after epoch {epoch}:")
+    for key, value in sorted(metrics.items()):
+        print(f"  {key:<{width}}  {100 * value:6.2f}%")
     return 0
 
 
@@ -114,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     common(report)
     report.add_argument("--parent-run", help="the study invocation (default: the latest)")
     sub.add_parser("methods", help="list methods and their arguments").set_defaults(fn=cmd_methods)
+    ev = sub.add_parser("eval", help="evaluate a run's checkpoint (kNN, linear probe, fine-tuning, few labels)")
+    ev.add_argument("run", help="MLflow run id of a trial (see the report's run links)")
+    ev.add_argument("--protocol", action="append", choices=["knn", "linear", "finetune"],
+                    help="repeatable; default: the study's eval.protocols")
+    ev.add_argument("--label-fraction", action="append", type=float,
+                    help="repeatable, e.g. 0.01 0.1 1; default: the study's eval.label_fractions")
+    ev.add_argument("--random-init", action="store_true", help="also the same backbone at random init")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override e.g. eval.finetune_epochs=5")
+    ev.add_argument("--device")
+    common(ev)
+    ev.set_defaults(fn=cmd_eval)
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     common(ui)
     ui.add_argument("--port", type=int, default=5000)

@@ -97,6 +97,12 @@ class EvalConfig:
     knn_temperature: float = check(default=0.1, gt=0)
     knn_every: int = check(default=0, ge=0)          # epochs; 0 = only before and after training
     random_init_baseline: bool = True
+    # End-of-pretraining protocols (logged as eval/<protocol>_top1), also run by `sslab eval`.
+    protocols: list[Literal["knn", "linear", "finetune"]] = field(default_factory=lambda: ["knn", "linear"])
+    label_fractions: list[float] = field(default_factory=lambda: [1.0])   # e.g. [0.01, 0.1, 1.0]
+    linear_l2: float = check(default=1e-4, gt=0)
+    finetune_epochs: int = check(default=10, gt=0)
+    finetune_lr: float = check(default=0.05, gt=0)
 
 
 @dataclass
@@ -277,6 +283,7 @@ def build_study(raw: dict, source: str = "<config>") -> StudyConfig:
     _check_data(study.data, source)
     _check_sweep(raw, study, source)
     _check_train(study, source)
+    _check_eval(study, source)
     return study
 
 
@@ -309,6 +316,12 @@ def _check_sweep(raw: dict, study: StudyConfig, source: str) -> None:
                 build_study(trial_raw, source)
             except ConfigError as err:
                 raise ConfigError(source, key, f"value {value!r}: {err.key}: {err.message}") from None
+
+
+def _check_eval(study: StudyConfig, source: str) -> None:
+    for i, fraction in enumerate(study.eval.label_fractions):
+        if not 0 < fraction <= 1:
+            raise ConfigError(source, f"eval.label_fractions[{i}]", f"{fraction} is not in (0, 1]")
 
 
 def _check_train(study: StudyConfig, source: str) -> None:

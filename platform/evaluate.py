@@ -68,3 +68,128 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
                                 num_classes, k, temperature)
     acc = topk_accuracy(scores, test_labels.to(device), ks=(1, min(5, num_classes)))
     return {"knn_top1": acc[1], "knn_top5": acc[min(5, num_classes)]}
+
+
+# ----------------------------------------------------------------------------- label subsets
+
+def balanced_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of round(fraction * n_c) images of every class c (at least one each),
+    the same for the same labels, fraction and seed (saved with the run)."""
+    if fraction >= 1:
+        return torch.arange(len(labels))
+    generator = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        count = max(1, round(fraction * len(members)))
+        keep.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    return torch.cat(keep).sort().values
+
+
+# ----------------------------------------------------------------------------- linear probe
+
+def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, num_classes: int, l2: float = 1e-4,
+                 max_iter: int = 500) -> dict[str, float]:
+    """Multinomial logistic regression on frozen features, trained to convergence (L-BFGS, full
+    batch): minimises mean cross-entropy + l2/2 ||W||^2 on standardised features, which is
+    scikit-learn's LogisticRegression with C = 1 / (l2 * n)."""
+    mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
+    x_train, x_test = (train_features - mean) / std, (test_features - mean) / std
+    y_train = train_labels.to(x_train.device)
+    classifier = nn.Linear(x_train.shape[1], num_classes).to(x_train.device)
+    nn.init.zeros_(classifier.weight)
+    nn.init.zeros_(classifier.bias)
+    optimizer = torch.optim.LBFGS(classifier.parameters(), lr=1, max_iter=max_iter,
+                                  tolerance_grad=1e-7, tolerance_change=1e-10,
+                                  history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(classifier(x_train), y_train) + l2 / 2 * classifier.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        scores = classifier(x_test)
+    acc = topk_accuracy(scores, test_labels.to(scores.device), ks=(1, min(5, num_classes)))
+    return {"top1": acc[1], "top5": acc[min(5, num_classes)]}
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+def finetune(encoder: nn.Module, normalize: nn.Module, feature_dim: int, train_images, train_labels,
+             test_images, test_labels, num_classes: int, device, epochs: int = 10,
+             batch_size: int = 256, lr: float = 0.05, weight_decay: float = 5e-4,
+             seed: int = 0, amp: bool = False) -> dict[str, float]:
+    """The whole encoder (a copy: the pretrained one is untouched) plus a linear head, trained
+    with labels under crop + flip augmentation, SGD with cosine decay; scored on the test split."""
+    import copy
+
+    from sslab.platform.augment import Augment, AugmentRecipe
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(copy.deepcopy(encoder), nn.Linear(feature_dim, num_classes)).to(device)
+    augment = Augment(AugmentRecipe(crop_scale_min=0.2, jitter_p=0.0, grayscale_p=0.0),
+                      train_images.shape[-1], normalize)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    batch_size = min(batch_size, len(train_images))
+    steps = epochs * max(1, len(train_images) // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(train_images), generator=generator)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            index = order[start:start + batch_size]
+            images = train_images[index.to(train_images.device)].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = F.cross_entropy(model(augment(images)).float(), train_labels[index].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    with eval_mode(model):
+        scores = extract_features(lambda x: model(normalize(x)), test_images, device, amp=amp)
+    acc = topk_accuracy(scores, test_labels.to(scores.device), ks=(1, min(5, num_classes)))
+    return {"top1": acc[1], "top5": acc[min(5, num_classes)]}
+
+
+# ----------------------------------------------------------------------------- all protocols
+
+def fraction_suffix(fraction: float) -> str:
+    """'' for all labels, '_1pct' / '_10pct' for label fractions (MLflow keys allow no '%')."""
+    return "" if fraction >= 1 else f"_{100 * fraction:g}pct".replace(".", "p")
+
+
+def run_protocols(method, data, eval_cfg, device, seed: int = 0, amp: bool = False,
+                  prefix: str = "eval/") -> tuple[dict[str, float], dict[str, list[int]]]:
+    """Every configured protocol on `method`'s frozen (or, for fine-tuning, copied) encoder.
+    Returns (metrics, label subsets used); features are computed once for all protocols."""
+    with eval_mode(method):
+        train_f = extract_features(method.features, data.train_images, device, amp=amp)
+        test_f = extract_features(method.features, data.test_images, device, amp=amp)
+    num_classes = len(data.classes)
+    metrics, subsets = {}, {}
+    if "knn" in eval_cfg.protocols:
+        knn = knn_accuracy(train_f, data.train_labels, test_f, data.test_labels, num_classes,
+                           k=eval_cfg.knn_k, temperature=eval_cfg.knn_temperature)
+        metrics |= {f"{prefix}{k}": v for k, v in knn.items()}
+    for fraction in eval_cfg.label_fractions:
+        keep = balanced_subset(data.train_labels, fraction, seed)
+        suffix = fraction_suffix(fraction)
+        if fraction < 1:
+            subsets[f"labels{suffix}"] = keep.tolist()
+        if "linear" in eval_cfg.protocols:
+            result = linear_probe(train_f[keep.to(train_f.device)], data.train_labels[keep], test_f,
+                                  data.test_labels, num_classes, l2=eval_cfg.linear_l2)
+            metrics |= {f"{prefix}linear_{k}{suffix}": v for k, v in result.items()}
+        if "finetune" in eval_cfg.protocols:
+            result = finetune(method.backbone, method.normalize, method.feature_dim,
+                              data.train_images[keep.to(data.train_images.device)], data.train_labels[keep],
+                              data.test_images, data.test_labels, num_classes, device,
+                              epochs=eval_cfg.finetune_epochs, lr=eval_cfg.finetune_lr, seed=seed, amp=amp)
+            metrics |= {f"{prefix}finetune_{k}{suffix}": v for k, v in result.items()}
+    return metrics, subsets

@@ -49,12 +49,22 @@ def point_name(trial: str) -> str:
     return ",".join(parts) or "default"
 
 
+# (trained metric, random-init metric, label): what a report puts side by side, where present.
+HEADLINES = [("knn_top1", "random_init_knn_top1", "kNN top-1"),
+             ("eval/linear_top1", "random_init_linear_top1", "linear top-1"),
+             ("eval/finetune_top1", "random_init_finetune_top1", "fine-tune top-1"),
+             ("eval/zero_shot_top1", "random_init_zero_shot_top1", "zero-shot top-1")]
+
+
+def headlines(trials: pd.DataFrame) -> list[tuple[str, str, str]]:
+    return [h for h in HEADLINES if h[0] in trials]
+
+
 def summarise(trials: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds of each sweep point's headline metrics."""
-    columns = [c for c in ("knn_top1", "random_init_knn_top1", "loss", "images_per_s") if c in trials]
+    columns = [c for trained, base, _ in headlines(trials) for c in (trained, base) if c in trials]
     grouped = trials.assign(point=trials["trial"].map(point_name)).groupby("point")[columns]
-    summary = grouped.agg(["mean", "std", "count"])
-    return summary
+    return grouped.agg(["mean", "std", "count"])
 
 
 def _pm(mean: float, std: float, count: int, scale: float = 100, digits: int = 1) -> str:
@@ -131,27 +141,40 @@ def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str) -
         ("git commit", parent.data.tags.get("git_commit", "unknown")),
         ("MLflow", f"experiment {experiment_id}, parent run {parent.info.run_id} ({parent.info.status})"),
     ]
-    header = ["trial", "status", "kNN top-1 (%)", "random init (%)", "gain (pts)", "final loss",
-              "images/s", "MLflow run"]
+    shown = headlines(trials) if not trials.empty else []
+    header = ["trial", "status"]
+    for _, _, label in shown:
+        header += [f"{label} (%)", "random init (%)", "gain (pts)"]
+    header += ["final loss", "images/s", "MLflow run"]
     rows = []
     for _, r in trials.iterrows():
-        knn, base = r.get("knn_top1"), r.get("random_init_knn_top1")
-        gain = (knn - base) * 100 if pd.notna(knn) and pd.notna(base) else float("nan")
-        rows.append([r["trial"], r["status"], _fmt(knn, 100), _fmt(base, 100), _fmt(gain, 1, "+.1f"),
-                     _fmt(r.get("loss"), 1, ".3f"), _fmt(r.get("images_per_s"), 1, ".0f"),
-                     f"#/experiments/{experiment_id}/runs/{r['run_id']}"])
-    points = []
-    if not trials.empty:
+        row = [r["trial"], r["status"]]
+        for trained, base, _ in shown:
+            value, baseline = r.get(trained), r.get(base)
+            gain = (value - baseline) * 100 if pd.notna(value) and pd.notna(baseline) else float("nan")
+            row += [_fmt(value, 100), _fmt(baseline, 100), _fmt(gain, 1, "+.1f")]
+        row += [_fmt(r.get("loss"), 1, ".3f"), _fmt(r.get("images_per_s"), 1, ".0f"),
+                f"#/experiments/{experiment_id}/runs/{r['run_id']}"]
+        rows.append(row)
+    points_header, points = ["point", "seeds"], []
+    for _, _, label in shown:
+        points_header += [f"{label} (%)", "random init (%)"]
+    if shown:
         summary = summarise(trials)
-        for point, s in summary.iterrows():
-            points.append([point, _pm(s[("knn_top1", "mean")], s[("knn_top1", "std")], s[("knn_top1", "count")]),
-                           _pm(s[("random_init_knn_top1", "mean")], s[("random_init_knn_top1", "std")],
-                               s[("random_init_knn_top1", "count")]) if ("random_init_knn_top1", "mean") in s else "n/a",
-                           str(int(s[("knn_top1", "count")]))])
+        for point, stats in summary.iterrows():
+            row = [point, str(int(stats[(shown[0][0], "count")]))]
+            for trained, base, _ in shown:
+                row += [_cell(stats, trained), _cell(stats, base)]
+            points.append(row)
     return {"title": f"sslab report: {study}", "description": config.get("description", ""),
             "setup": setup, "header": header, "rows": rows,
-            "points_header": ["point", "kNN top-1 (%) mean ± std", "random init (%)", "seeds"],
-            "points": points}
+            "points_header": points_header, "points": points}
+
+
+def _cell(stats, column: str) -> str:
+    if (column, "mean") not in stats:
+        return "n/a"
+    return _pm(stats[(column, "mean")], stats[(column, "std")], stats[(column, "count")])
 
 
 def _fmt(value, scale: float = 1, spec: str = ".1f") -> str:

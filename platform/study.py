@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sslab.platform.config import StudyConfig, build_study, flatten, set_dotted
 from sslab.platform.tracking import Tracker, TrialTracking, default_tracking_uri, git_commit
-from sslab.platform.train import train_loop, trial_config
+from sslab.platform.train import CHECKPOINT_NAME, train_loop, trial_config
 
 SEED_KEY = "train.seed"
 
@@ -89,9 +89,11 @@ def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
     configs = {}
     for trial in trials:
         tags = common_tags | {"seed": trial.values[SEED_KEY], "config_hash": trial.study.config_hash()}
+        trial_dir = invocation / "trials" / trial.name
+        tags["sslab.checkpoint"] = str(trial_dir / CHECKPOINT_NAME)
         tracking = TrialTracking(uri, experiment_id, parent_run_id, trial.name, tags=tags,
                                  params=flatten(trial.study.to_dict()))
-        configs[trial.name] = trial_config(trial.study, invocation / "trials" / trial.name, tracking)
+        configs[trial.name] = trial_config(trial.study, trial_dir, tracking)
 
     started = time.time()
     try:

@@ -26,7 +26,7 @@ from sslab.platform.augment import Augment, Normalize, channel_stats
 from sslab.platform.backbones import build_backbone
 from sslab.platform.config import StudyConfig, TrainConfig, build_study
 from sslab.platform.data import Dataset, atomic_torch_save, load_dataset
-from sslab.platform.evaluate import eval_mode, extract_features, knn_accuracy
+from sslab.platform.evaluate import eval_mode, extract_features, knn_accuracy, run_protocols
 from sslab.platform.tracking import TrialTracking
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -184,12 +184,28 @@ def save_checkpoint(path: Path, method: Method, optimizer, epoch: int, step: int
 
 
 def load_checkpoint(path: Path, method: Method, optimizer, device) -> tuple[int, int]:
-    """Restores every module, buffer and the optimizer. Returns (epochs done, global step)."""
+    """Restores every module, buffer and (if given) the optimizer. Returns (epochs done, step)."""
     state = torch.load(path, map_location=device, weights_only=True)
     with unwrapped(method):
         method.load_state_dict(state["method"])
-    optimizer.load_state_dict(state["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
     return state["epoch"], state["step"]
+
+
+def evaluate_checkpoint(study: StudyConfig, checkpoint: Path | None, device: torch.device,
+                        prefix: str = "eval/") -> tuple[dict[str, float], dict, int]:
+    """The study's protocols on a checkpoint's encoder (None: random initialisation).
+    Returns (metrics, label subsets, epochs the checkpoint had trained)."""
+    data = load_dataset(study.data)
+    torch.manual_seed(study.train.seed)
+    method = build_method(study, data, device, total_steps=1)
+    epoch = 0
+    if checkpoint is not None:
+        epoch, _ = load_checkpoint(checkpoint, method, None, device)
+    runtime = Runtime("local", 0, 1, device)
+    metrics, subsets = protocol_eval(method, data, study, runtime, prefix)
+    return metrics, subsets, epoch
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -212,12 +228,24 @@ class EpochMeter:
 
 
 def knn_eval(method: Method, data: Dataset, study: StudyConfig, runtime: Runtime) -> dict[str, float]:
+    """The per-epoch monitor: weighted kNN on eval-mode features, plus the method's own."""
     with unwrapped(method), eval_mode(method):
         train_f = extract_features(method.features, data.train_images, runtime.device, amp=study.train.amp)
         test_f = extract_features(method.features, data.test_images, runtime.device, amp=study.train.amp)
         extra = method.evaluate(data)
     return knn_accuracy(train_f, data.train_labels, test_f, data.test_labels, len(data.classes),
                         k=study.eval.knn_k, temperature=study.eval.knn_temperature) | extra
+
+
+def protocol_eval(method: Method, data: Dataset, study: StudyConfig, runtime: Runtime,
+                  prefix: str) -> tuple[dict[str, float], dict]:
+    """Every evaluation protocol of the study (kNN always), keys prefixed."""
+    with unwrapped(method):
+        metrics, subsets = run_protocols(method, data, study.eval, runtime.device, seed=study.train.seed,
+                                         amp=study.train.amp, prefix=prefix)
+        with eval_mode(method):
+            metrics |= {prefix + k: v for k, v in method.evaluate(data).items()}
+    return metrics, subsets
 
 
 class TrialLogger:
@@ -247,9 +275,17 @@ class TrialLogger:
         if self.tracker and epoch not in self.tracker.logged_steps(self.run_id, key):
             self.tracker.log_metrics(self.run_id, metrics, step=epoch)
 
+    def log_artifact_once(self, data: dict, path: str) -> None:
+        if self.tracker and data:
+            self.tracker.log_dict(self.run_id, data, path)
+
     def end(self, status: str) -> None:
         if self.tracker:
             self.tracker.end(self.run_id, status)
+
+
+def _format(metrics: dict) -> str:
+    return " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
 
 
 def say(runtime: Runtime, name: str, text: str) -> None:
@@ -290,11 +326,9 @@ def train_loop(config: dict) -> dict:
                        f"worker(s), {runtime.device}")
 
     if start_epoch == 0 and study.eval.random_init_baseline and runtime.is_main:
-        baseline = knn_eval(method, data, study, runtime)
-        say(runtime, name, f"random init: kNN top-1 {baseline['knn_top1']:.3f}")
-        logger.log_once({"random_init_knn_top1": baseline["knn_top1"],
-                         "random_init_knn_top5": baseline["knn_top5"],
-                         "knn_top1": baseline["knn_top1"]}, 0, "random_init_knn_top1")
+        baseline, _ = protocol_eval(method, data, study, runtime, prefix="random_init_")
+        say(runtime, name, "random init: " + _format(baseline))
+        logger.log_once(baseline | {"knn_top1": baseline["random_init_knn_top1"]}, 0, "random_init_knn_top1")
 
     warmup_steps = int(train.warmup_epochs * steps_per_epoch)
     metrics: dict = {}
@@ -303,14 +337,18 @@ def train_loop(config: dict) -> dict:
             metrics, step = run_epoch(method, optimizer, data, study, runtime, epoch, step,
                                       steps_per_epoch, local_batch, total_steps, warmup_steps, name)
             is_last = epoch == train.epochs
-            if runtime.is_main and (is_last or (study.eval.knn_every and epoch % study.eval.knn_every == 0)):
+            if runtime.is_main and is_last:
+                final, subsets = protocol_eval(method, data, study, runtime, prefix="eval/")
+                metrics |= final | {"knn_top1": final["eval/knn_top1"], "knn_top5": final["eval/knn_top5"]}
+                logger.log_artifact_once(subsets, "eval/label_subsets.json")
+            elif runtime.is_main and study.eval.knn_every and epoch % study.eval.knn_every == 0:
                 metrics.update(knn_eval(method, data, study, runtime))
             # Log before the checkpoint: a crash in between re-runs this epoch, whose metrics
             # are then skipped as already logged (never lost, never twice).
             logger.log(metrics, epoch)
             if runtime.is_main and (is_last or epoch % train.checkpoint_every == 0):
                 save_checkpoint(checkpoint, method, optimizer, epoch, step)
-            say(runtime, name, "epoch " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            say(runtime, name, "epoch " + _format(metrics))
             runtime.report(metrics)
     except BaseException:
         logger.end("FAILED")
