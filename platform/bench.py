@@ -112,7 +112,7 @@ def run_bench(args) -> dict:
     data.train_images = data.train_images.to(device)
     method = build_method(study, data, device, total_steps=1_000_000)
     if args.compile:
-        method.backbone = torch.compile(method.backbone)
+        method.backbone.compile()
     optimizer = build_optimizer(method, study.train)
     views_per_image = 2
     batch = args.batch_size

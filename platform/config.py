@@ -81,7 +81,7 @@ class TrainConfig:
     warmup_epochs: float = check(default=0, ge=0)
     amp: bool = False                 # bf16 autocast
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = False             # torch.compile the backbone (in place)
     num_workers: int = check(default=1, ge=1)       # >1: Ray Train TorchTrainer with DDP
     use_gpu: bool = False
     cpus_per_worker: Optional[float] = check(default=None, gt=0)  # None: CPUs / concurrent workers

@@ -152,13 +152,19 @@ def wrap_ddp(method: Method, runtime: Runtime) -> None:
         return
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    import inspect
+
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    # No buffer sync in forward: each rank keeps its own BN statistics (as SimCLR's per-device
+    # BN), and a forward on one rank alone (kNN on rank 0) needs no collective. torch >= 2.14
+    # names this forward_sync_buffers; older releases broadcast_buffers.
+    no_sync = ({"forward_sync_buffers": False}
+               if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+               else {"broadcast_buffers": False})
     for name in method.ddp_modules:
         module = getattr(method, name)
         if any(p.requires_grad for p in module.parameters()):
-            # broadcast_buffers=False: each rank keeps its own BN statistics (as SimCLR's
-            # per-device BN) and a forward on one rank alone (kNN on rank 0) needs no collective.
-            setattr(method, name, DDP(module, device_ids=device_ids, broadcast_buffers=False))
+            setattr(method, name, DDP(module, device_ids=device_ids, **no_sync))
 
 
 @contextlib.contextmanager
@@ -319,6 +325,8 @@ def train_loop(config: dict) -> dict:
     if checkpoint.exists():
         start_epoch, step = load_checkpoint(checkpoint, method, optimizer, runtime.device)
         say(runtime, name, f"resumed from {checkpoint} after epoch {start_epoch}")
+    if train.compile:
+        method.backbone.compile()   # in place: state-dict keys (checkpoints) unchanged
     wrap_ddp(method, runtime)
     logger = TrialLogger(config.get("tracking"), runtime, study)
     say(runtime, name, f"{study.method} on {data.describe()}; {train.epochs} epochs x "

@@ -114,3 +114,9 @@ def test_killed_run_resumes_and_logs_each_epoch_once(tmp_path, tiny_raw, trackin
     steps = sorted(m.step for m in tracker.client.get_metric_history(runs[0].info.run_id, "loss"))
     assert steps == list(range(1, 9))
     assert len(tracker.client.get_metric_history(runs[0].info.run_id, "random_init_knn_top1")) == 1
+
+
+def test_bf16_autocast_and_channels_last_switches_train(tmp_path, tiny_raw):
+    tiny_raw["train"].update(amp=True, channels_last=True, epochs=1)
+    metrics = train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and 0 <= metrics["knn_top1"] <= 1
