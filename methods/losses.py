@@ -40,12 +40,18 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
 
 def info_nce_with_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor,
-                        temperature: float) -> torch.Tensor:
+                        temperature: float, batch_keys: torch.Tensor | None = None,
+                        own_index: torch.Tensor | None = None) -> torch.Tensor:
     """MoCo (He et al. 2020) eq. (1): -log exp(q.k+/t) / (exp(q.k+/t) + sum_queue exp(q.k/t)).
-    q, k: [N, d] L2-normalised; queue: [K, d] L2-normalised negatives."""
+    q, k: [N, d] L2-normalised; queue: [K, d] L2-normalised negatives. With `batch_keys`
+    [M, d], the batch's keys are negatives too, except each query's own (at `own_index`)."""
     positive = (q * k).sum(dim=1, keepdim=True)
-    negatives = q @ queue.T
-    logits = torch.cat([positive, negatives], dim=1) / temperature
+    negatives = [q @ queue.T]
+    if batch_keys is not None:
+        in_batch = q @ batch_keys.T
+        in_batch[torch.arange(len(q), device=q.device), own_index] = float("-inf")
+        negatives.append(in_batch)
+    logits = torch.cat([positive, *negatives], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 

@@ -23,7 +23,12 @@ class MoCoV2Args:
     queue_size: int = check(default=4096, gt=0)              # K, independent of the batch size
     proj_hidden_dim: int = check(default=2048, gt=0)
     proj_dim: int = check(default=128, gt=0)
-    shuffle_bn: bool = True                                  # shuffle keys across DDP ranks
+    head_batch_norm: bool = False        # MoCo v2's MLP has none; BN centres the embeddings
+    # The batch's own keys are negatives at once (not only from the next step on, via the
+    # queue): with few steps or a still-empty queue, nothing else keeps embeddings apart.
+    batch_negatives: bool = True
+    shuffle_bn: bool = True              # shuffle keys across DDP ranks (or, on one worker,
+    shuffle_bn_groups: int = check(default=4, ge=1)   # across this many key sub-batches)
 
 
 @dataclass
@@ -41,10 +46,11 @@ class MoCoV2(Method):
     def __init__(self, args, ctx: MethodContext):
         super().__init__(args, ctx)
         self.head = projection_head(self.head_kind, ctx.feature_dim, args.proj_hidden_dim,
-                                    args.proj_dim, batch_norm=False)
+                                    args.proj_dim, batch_norm=args.head_batch_norm)
         self.key_backbone, self.key_head = frozen_copy(self.backbone), frozen_copy(self.head)
-        self.register_buffer("queue", F.normalize(torch.randn(args.queue_size, args.proj_dim), dim=1))
+        self.register_buffer("queue", torch.zeros(args.queue_size, args.proj_dim))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.batch_per_step = None   # global keys per step, known at the first step
         self._keys = None
 
     @classmethod
@@ -57,16 +63,27 @@ class MoCoV2(Method):
         q = F.normalize(self.head(self.backbone(q_view)).float(), dim=1)
         with torch.no_grad():
             k = F.normalize(self._key_forward(k_view).float(), dim=1)
-        loss = info_nce_with_queue(q, k, self.queue.clone(), self.args.temperature)
-        self._keys = k
+            all_keys = gather_no_grad(k)
+        # Only slots that already hold real keys are negatives (a pure function of the step,
+        # so a resumed run sees the same queue): the paper's random initial queue lets the
+        # first steps pull every embedding together unopposed.
+        filled = min(len(self.queue), step * len(all_keys))
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        own = torch.arange(len(k), device=k.device) + rank * len(k)
+        batch = all_keys if self.args.batch_negatives or filled == 0 else None
+        loss = info_nce_with_queue(q, k, self.queue[:filled].clone(), self.args.temperature, batch, own)
+        self._keys = all_keys
         return loss, {"pos_sim": (q.detach() * k).sum(1).mean(), "z_std": embedding_std(q)}
 
     def _key_forward(self, x):
-        """Key encoder; under DDP the batch is shuffled across ranks so that BN statistics do
-        not leak which key is the positive (MoCo Sec. 3.3, shuffling BN)."""
+        """Key encoder; the keys are shuffled across BN batches so that batch statistics do not
+        leak which key is the positive (MoCo Sec. 3.3, shuffling BN): across DDP ranks, or on
+        one worker across `shuffle_bn_groups` sub-batches, each normalised on its own."""
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if world == 1 or not self.args.shuffle_bn:
+        if not self.args.shuffle_bn:
             return self.key_head(self.key_backbone(x))
+        if world == 1:
+            return self._grouped_key_forward(x)
         everything = gather_no_grad(x)
         perm = torch.randperm(len(everything), device=x.device)
         dist.broadcast(perm, src=0)
@@ -77,12 +94,19 @@ class MoCoV2(Method):
         unshuffled[perm] = keys
         return unshuffled[rank * n:(rank + 1) * n]
 
+    def _grouped_key_forward(self, x):
+        perm = torch.randperm(len(x), device=x.device)
+        groups = [self.key_head(self.key_backbone(chunk)) for chunk in x[perm].chunk(self.args.shuffle_bn_groups)]
+        keys = torch.empty_like(torch.cat(groups))
+        keys[perm] = torch.cat(groups)
+        return keys
+
     @torch.no_grad()
     def on_step_end(self, step):
         ema_update(self.key_backbone, self.backbone, self.args.momentum)
         ema_update(self.key_head, self.head, self.args.momentum)
         if self._keys is not None:
-            self.enqueue(gather_no_grad(self._keys))
+            self.enqueue(self._keys)   # already gathered from every rank
             self._keys = None
 
     @torch.no_grad()

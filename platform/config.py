@@ -117,7 +117,8 @@ class StudyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seeds: list[int] = field(default_factory=lambda: [0])
-    # dotted key -> list of values (a grid); every point runs once per seed
+    # dotted key -> list of values (a grid), and/or `points`: a list of override sets
+    # ({method: moco_v2, train.lr: 0.06}) crossed with the grid; every point runs once per seed
     sweep: dict = field(default_factory=dict)
     max_concurrent_trials: int = check(default=1, ge=1)
 
@@ -303,19 +304,30 @@ def _check_data(data: DataConfig, source: str) -> None:
 
 
 def _check_sweep(raw: dict, study: StudyConfig, source: str) -> None:
-    """Every swept value must itself give a valid study."""
+    """Every swept value, and every `points` entry, must itself give a valid study."""
     for dotted, values in study.sweep.items():
         key = f"sweep.{dotted}"
         if not isinstance(values, list) or not values:
             raise ConfigError(source, key, "expected a non-empty list of values")
-        for value in values:
-            trial_raw = copy.deepcopy(raw)
-            trial_raw.pop("sweep", None)
-            set_dotted(trial_raw, dotted, value)
-            try:
-                build_study(trial_raw, source)
-            except ConfigError as err:
-                raise ConfigError(source, key, f"value {value!r}: {err.key}: {err.message}") from None
+        for i, value in enumerate(values):
+            if dotted == "points":
+                if not isinstance(value, dict) or not value:
+                    raise ConfigError(source, f"{key}[{i}]", "expected a mapping of dotted keys to values")
+                _check_overrides(raw, value, f"{key}[{i}]", source)
+            else:
+                _check_overrides(raw, {dotted: value}, key, source)
+
+
+def _check_overrides(raw: dict, overrides: dict, key: str, source: str) -> None:
+    trial_raw = copy.deepcopy(raw)
+    trial_raw.pop("sweep", None)
+    for dotted, value in overrides.items():
+        set_dotted(trial_raw, dotted, value)
+    try:
+        build_study(trial_raw, source)
+    except ConfigError as err:
+        shown = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+        raise ConfigError(source, key, f"{shown}: {err.key}: {err.message}") from None
 
 
 def _check_eval(study: StudyConfig, source: str) -> None:

@@ -19,6 +19,7 @@ from sslab.platform.tracking import Tracker, TrialTracking, default_tracking_uri
 from sslab.platform.train import CHECKPOINT_NAME, train_loop, trial_config
 
 SEED_KEY = "train.seed"
+POINTS_KEY = "points"
 
 
 @dataclass
@@ -28,13 +29,21 @@ class Trial:
     study: StudyConfig    # resolved
 
 
+def sweep_points(sweep: dict) -> list[dict]:
+    """The sweep as a list of {dotted key: value}: the grid of every `key: [values]` entry,
+    crossed with the `points` entry (a list of override sets, e.g. per-method settings)."""
+    grid_keys = [k for k in sweep if k != POINTS_KEY]
+    points = sweep.get(POINTS_KEY) or [{}]
+    return [dict(zip(grid_keys, values)) | point
+            for point in points for values in itertools.product(*(sweep[k] for k in grid_keys))]
+
+
 def expand_trials(study: StudyConfig, raw: dict) -> list[Trial]:
-    """The grid of `sweep` values times `seeds`, each a fully validated study."""
-    keys = list(study.sweep)
+    """Every sweep point times every seed, each a fully validated study."""
     trials = []
-    for point in itertools.product(*(study.sweep[k] for k in keys)):
+    for point in sweep_points(study.sweep):
         for seed in study.seeds:
-            values = dict(zip(keys, point)) | {SEED_KEY: seed}
+            values = point | {SEED_KEY: seed}
             trial_raw = copy.deepcopy(raw)
             trial_raw.pop("sweep", None)
             trial_raw["seeds"] = [seed]
@@ -47,6 +56,8 @@ def expand_trials(study: StudyConfig, raw: dict) -> list[Trial]:
 def trial_name(values: dict) -> str:
     """'temperature=0.2,seed=0': the last part of each swept key, the seed last."""
     parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items() if k != SEED_KEY]
+    # a point that changes the method names it first, however its overrides are ordered
+    parts.sort(key=lambda part: not part.startswith("method="))
     return ",".join(parts + [f"seed={values[SEED_KEY]}"])
 
 
@@ -74,10 +85,10 @@ def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
               tracking_uri: str | None = None, ray_address: str | None = None,
               resume: bool = False) -> dict:
     """Runs every trial of the study; returns {'parent_run_id', 'experiment_id', 'trials'}."""
+    trials = expand_trials(study, raw)   # validates every trial before anything is written
     paths = StudyPaths(Path(workdir).resolve())
     paths.study_dir(study.name).mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or paths.tracking_uri
-    trials = expand_trials(study, raw)
     tracker = Tracker(uri)   # creates the sqlite store here, before any trial starts
     experiment_id = tracker.experiment(study.name, paths.workdir / "mlartifacts")
     parent_run_id = _parent_run(tracker, experiment_id, study, source_text, paths, resume)

@@ -80,3 +80,24 @@ def test_int_accepted_for_float_but_bool_rejected(tiny_raw):
     tiny_raw["train"]["lr"] = True
     with pytest.raises(ConfigError, match="train.lr"):
         build_study(tiny_raw)
+
+
+def test_sweep_points_cross_the_grid_and_carry_their_own_settings(tiny_raw):
+    from sslab.platform.study import expand_trials
+
+    tiny_raw["seeds"] = [0, 1]
+    tiny_raw["sweep"] = {"train.batch_size": [32, 64],
+                         "points": [{"method": "simclr"},
+                                    {"method": "moco_v2", "train.lr": 0.06, "method_args.queue_size": 128}]}
+    trials = expand_trials(build_study(tiny_raw), tiny_raw)
+    assert len(trials) == 2 * 2 * 2
+    moco = [t for t in trials if t.study.method == "moco_v2"]
+    assert {t.study.train.lr for t in moco} == {0.06} and moco[0].study.method_args["queue_size"] == 128
+    assert moco[0].name.startswith("method=moco_v2,")
+    assert {t.study.train.lr for t in trials if t.study.method == "simclr"} == {0.1}
+
+
+def test_bad_sweep_point_names_its_index(tiny_raw):
+    tiny_raw["sweep"] = {"points": [{"method": "simclr"}, {"method": "byol", "method_args.tau_base": 2}]}
+    with pytest.raises(ConfigError, match=r"sweep.points\[1\].*method_args.tau_base"):
+        build_study(tiny_raw)

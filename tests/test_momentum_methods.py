@@ -92,3 +92,16 @@ def test_moco_versions_differ_as_the_papers_say(tiny_raw):
 def test_embedding_std_detects_collapse():
     assert embedding_std(torch.ones(32, 16) + 1e-6 * torch.randn(32, 16)) < 1e-3
     assert embedding_std(torch.randn(4096, 16)) == pytest.approx(1 / math.sqrt(16), rel=0.05)
+
+
+def test_moco_single_worker_shuffle_bn_normalises_keys_in_shuffled_groups(tiny_raw):
+    """Each key is normalised with a random quarter of the batch, not with its own query's batch:
+    in train mode the keys differ from a whole-batch forward, yet each key is still its own
+    image's (same key for the same image when there is one group)."""
+    moco, data = _method("moco_v2", tiny_raw, shuffle_bn_groups=4)
+    x = moco.normalize(data.train_images[:32])
+    whole = moco.key_head(moco.key_backbone(x))
+    grouped = moco._key_forward(x)
+    assert grouped.shape == whole.shape and not torch.allclose(grouped, whole, atol=1e-4)
+    moco.args.shuffle_bn_groups = 1
+    assert torch.allclose(moco._key_forward(x), whole, atol=1e-5)   # order restored
