@@ -8,12 +8,9 @@ import base64
 import html
 import io
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
-
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from sslab.platform.tracking import TRIAL_TAG, Tracker
 

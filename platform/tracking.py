@@ -7,12 +7,15 @@ mlflow is imported lazily: the training loop runs without it (e.g. on a bare GPU
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 TRIAL_TAG = "sslab.trial"
+# Artifact downloads (configs, label subsets) are tiny: no progress bars in the CLI's output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 PARAM_VALUE_LIMIT = 6000
 
 
