@@ -23,6 +23,23 @@ def tiny_raw():
     return copy.deepcopy(TINY)
 
 
+@pytest.fixture
+def make_method(tiny_raw):
+    """make_method("dino", out_dim=8) -> (method built on the tiny study's data, that data)."""
+    import torch
+
+    from sslab.platform.config import build_study
+    from sslab.platform.data import load_dataset
+    from sslab.platform.train import build_method
+
+    def make(name, **method_args):
+        tiny_raw.update(method=name, method_args=method_args)
+        study = build_study(tiny_raw)
+        data = load_dataset(study.data)
+        return build_method(study, data, torch.device("cpu"), total_steps=100), data
+    return make
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     os.environ["SSLAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))

@@ -32,30 +32,25 @@ def test_dino_loss_matches_eq3():
     assert dino_loss(student, teacher, center, ts, tt).item() == pytest.approx(total / pairs, rel=1e-4)
 
 
-def _method(name, tiny_raw, **args):
-    tiny_raw.update(method=name, method_args=args)
-    study = build_study(tiny_raw)
-    data = load_dataset(study.data)
-    return build_method(study, data, torch.device("cpu"), total_steps=100), data
 
 
-def test_dino_center_is_an_ema_of_teacher_outputs(tiny_raw):
-    dino, _ = _method("dino", tiny_raw, out_dim=8, center_momentum=0.9)
+def test_dino_center_is_an_ema_of_teacher_outputs(make_method):
+    dino, _ = make_method("dino", out_dim=8, center_momentum=0.9)
     dino.update_center(torch.ones(1, 8))
     assert torch.allclose(dino.center, torch.full((1, 8), 0.1))
     dino.update_center(torch.ones(1, 8))
     assert torch.allclose(dino.center, torch.full((1, 8), 0.19))
 
 
-def test_dino_teacher_temperature_warms_up_linearly(tiny_raw):
-    dino, _ = _method("dino", tiny_raw, warmup_teacher_temp=0.04, teacher_temp=0.07, teacher_temp_warmup=0.3)
+def test_dino_teacher_temperature_warms_up_linearly(make_method):
+    dino, _ = make_method("dino", warmup_teacher_temp=0.04, teacher_temp=0.07, teacher_temp_warmup=0.3)
     assert dino.teacher_temp(0) == pytest.approx(0.04)
     assert dino.teacher_temp(15) == pytest.approx(0.055)
     assert dino.teacher_temp(30) == dino.teacher_temp(99) == pytest.approx(0.07)
 
 
-def test_dino_multi_crop_views(tiny_raw):
-    dino, data = _method("dino", tiny_raw, local_crops=3, out_dim=16)
+def test_dino_multi_crop_views(make_method):
+    dino, data = make_method("dino", local_crops=3, out_dim=16)
     images = data.train_images[:4]
     assert [v(images).shape[-1] for v in dino.global_views] == [16, 16]
     assert dino.local_view(images).shape[-1] == dino.local_size < 16
@@ -63,9 +58,9 @@ def test_dino_multi_crop_views(tiny_raw):
     assert torch.isfinite(loss) and 0 <= metrics["teacher_entropy"] <= math.log(16) + 1e-4
 
 
-def test_dino_runs_on_a_vit(tiny_raw):
+def test_dino_runs_on_a_vit(make_method, tiny_raw):
     tiny_raw["backbone"] = {"name": "vit_tiny", "patch_size": 4, "width": 0.25}
-    dino, data = _method("dino", tiny_raw, local_crops=2, out_dim=16)
+    dino, data = make_method("dino", local_crops=2, out_dim=16)
     loss, _ = dino.training_step(data.train_images[:4], 0)
     loss.backward()
     assert torch.isfinite(loss)
@@ -91,8 +86,8 @@ def test_tokenizer_frames_words_and_pads():
     assert ids[1, 3] == END   # 'green' is not in the vocabulary: dropped
 
 
-def test_clip_pairs_images_with_their_captions_and_scores_zero_shot(tiny_raw):
-    clip, data = _method("clip", tiny_raw)
+def test_clip_pairs_images_with_their_captions_and_scores_zero_shot(make_method):
+    clip, data = make_method("clip")
     assert clip.train_tokens.shape == (len(data.train_images), 16)
     assert clip.augment.recipe.jitter_p == 0   # captions name colours
     loss, metrics = clip.training_step(data.train_images[:8], 0, torch.arange(8))
@@ -102,9 +97,12 @@ def test_clip_pairs_images_with_their_captions_and_scores_zero_shot(tiny_raw):
 
 
 def test_clip_captions_from_a_template_for_labelled_folders(tiny_raw):
-    clip, data = _method("clip", tiny_raw, caption_template="a picture of a {}")
-    data.train_captions, data.class_prompts = None, None
-    from sslab.platform.train import build_method as rebuild
+    """A labelled folder has no captions: each image gets the template filled with its class."""
+    tiny_raw.update(method="clip", method_args={"caption_template": "a picture of a {}"})
     study = build_study(tiny_raw)
-    clip = rebuild(study, data, torch.device("cpu"), total_steps=10)
+    data = load_dataset(study.data)
+    data.train_captions, data.class_prompts = None, None
+    clip = build_method(study, data, torch.device("cpu"), total_steps=10)
     assert clip.prompts[0] == ["a picture of a disk"]
+    first = data.classes[data.train_labels[0]]
+    assert clip.train_tokens[0].tolist() == clip.tokenizer([f"a picture of a {first}"])[0].tolist()

@@ -8,10 +8,6 @@ from torch import nn
 
 from sslab.methods.ema import cosine_momentum, ema_update, frozen_copy
 from sslab.methods.losses import byol_regression, embedding_std, info_nce_with_queue
-from sslab.methods.registry import get_method_class
-from sslab.platform.config import build_study
-from sslab.platform.data import load_dataset
-from sslab.platform.train import build_method
 
 
 def test_moco_info_nce_matches_eq1():
@@ -51,15 +47,10 @@ def test_byol_tau_rises_from_base_to_one_on_a_cosine():
     assert cosine_momentum(100, 100, 0.99) == pytest.approx(1.0)
 
 
-def _method(name, tiny_raw, **args):
-    tiny_raw.update(method=name, method_args=args)
-    study = build_study(tiny_raw)
-    data = load_dataset(study.data)
-    return build_method(study, data, torch.device("cpu"), total_steps=10), data
 
 
-def test_moco_queue_is_fifo_and_wraps(tiny_raw):
-    moco, _ = _method("moco_v2", tiny_raw, queue_size=8, proj_dim=4)
+def test_moco_queue_is_fifo_and_wraps(make_method):
+    moco, _ = make_method("moco_v2", queue_size=8, proj_dim=4)
     first, second = torch.ones(6, 4), 2 * torch.ones(6, 4)
     moco.enqueue(first)
     moco.enqueue(second)
@@ -67,8 +58,8 @@ def test_moco_queue_is_fifo_and_wraps(tiny_raw):
     assert moco.queue[:, 0].tolist() == [2, 2, 2, 2, 1, 1, 2, 2] and moco.queue_ptr.item() == 4
 
 
-def test_moco_step_enqueues_its_keys_and_moves_the_key_encoder(tiny_raw):
-    moco, data = _method("moco_v2", tiny_raw, queue_size=64, momentum=0.5)
+def test_moco_step_enqueues_its_keys_and_moves_the_key_encoder(make_method):
+    moco, data = make_method("moco_v2", queue_size=64, momentum=0.5)
     key_before = [p.clone() for p in moco.key_backbone.parameters()]
     loss, _ = moco.training_step(data.train_images[:16], 0)
     loss.backward()
@@ -81,9 +72,9 @@ def test_moco_step_enqueues_its_keys_and_moves_the_key_encoder(tiny_raw):
     assert all(moved)
 
 
-def test_moco_versions_differ_as_the_papers_say(tiny_raw):
-    v1, _ = _method("moco_v1", tiny_raw)
-    v2, _ = _method("moco_v2", dict(tiny_raw))
+def test_moco_versions_differ_as_the_papers_say(make_method):
+    v1, _ = make_method("moco_v1")
+    v2, _ = make_method("moco_v2")
     assert isinstance(v1.head, nn.Linear) and isinstance(v2.head, nn.Sequential)
     assert v1.args.temperature == 0.07 and v2.args.temperature == 0.2
     assert v1.augment.recipe.blur_p == 0 and v2.augment.recipe.blur_p > 0
@@ -94,11 +85,11 @@ def test_embedding_std_detects_collapse():
     assert embedding_std(torch.randn(4096, 16)) == pytest.approx(1 / math.sqrt(16), rel=0.05)
 
 
-def test_moco_single_worker_shuffle_bn_normalises_keys_in_shuffled_groups(tiny_raw):
+def test_moco_single_worker_shuffle_bn_normalises_keys_in_shuffled_groups(make_method):
     """Each key is normalised with a random quarter of the batch, not with its own query's batch:
     in train mode the keys differ from a whole-batch forward, yet each key is still its own
     image's (same key for the same image when there is one group)."""
-    moco, data = _method("moco_v2", tiny_raw, shuffle_bn_groups=4)
+    moco, data = make_method("moco_v2", shuffle_bn_groups=4)
     x = moco.normalize(data.train_images[:32])
     whole = moco.key_head(moco.key_backbone(x))
     grouped = moco._key_forward(x)
