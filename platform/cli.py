@@ -37,7 +37,7 @@ def cmd_run(args) -> int:
 
     result = run_study(study, raw, Path(args.study).read_text(), _workdir(args),
                        tracking_uri=args.tracking_uri, ray_address=args.ray_address,
-                       resume=args.resume)
+                       resume=args.resume, source=args.study)
     if not args.no_report:
         out = build_report(study.name, result["tracking_uri"], Path(args.reports) / study.name,
                            parent_run_id=result["parent_run_id"])

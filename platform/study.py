@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sslab.platform.config import StudyConfig, build_study, flatten, set_dotted
+from sslab.platform.config import ConfigError, StudyConfig, build_study, flatten, set_dotted
 from sslab.platform.tracking import Tracker, TrialTracking, default_tracking_uri, git_commit
 from sslab.platform.train import CHECKPOINT_NAME, train_loop, trial_config
 
@@ -83,25 +83,26 @@ class StudyPaths:
 
 def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
               tracking_uri: str | None = None, ray_address: str | None = None,
-              resume: bool = False) -> dict:
+              resume: bool = False, source: str = "<study>") -> dict:
     """Runs every trial of the study; returns {'parent_run_id', 'experiment_id', 'trials'}."""
     trials = expand_trials(study, raw)   # validates every trial before anything is written
     paths = StudyPaths(Path(workdir).resolve())
+    if resume and not paths.latest_file(study.name).exists():
+        raise ConfigError(source, "--resume", f"no earlier run of study {study.name!r} in {paths.workdir}")
     paths.study_dir(study.name).mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or paths.tracking_uri
     tracker = Tracker(uri)   # creates the sqlite store here, before any trial starts
     experiment_id = tracker.experiment(study.name, paths.workdir / "mlartifacts")
-    parent_run_id = _parent_run(tracker, experiment_id, study, source_text, paths, resume)
+    parent_run_id = _parent_run(tracker, experiment_id, study, source_text, paths, resume, source)
     invocation = paths.invocation_dir(study.name, parent_run_id)
     print(f"study {study.name}: {len(trials)} trial(s); MLflow {uri} (parent run {parent_run_id})", flush=True)
 
-    common_tags = {"method": study.method, "git_commit": git_commit(), "dataset": study.data.name,
-                   "config_hash": study.config_hash()}
+    commit = git_commit()
     configs = {}
     for trial in trials:
-        tags = common_tags | {"seed": trial.values[SEED_KEY], "config_hash": trial.study.config_hash()}
         trial_dir = invocation / "trials" / trial.name
-        tags["sslab.checkpoint"] = str(trial_dir / CHECKPOINT_NAME)
+        tags = study_tags(trial.study, commit) | {"seed": trial.values[SEED_KEY],
+                                                  "sslab.checkpoint": str(trial_dir / CHECKPOINT_NAME)}
         tracking = TrialTracking(uri, experiment_id, parent_run_id, trial.name, tags=tags,
                                  params=flatten(trial.study.to_dict()))
         configs[trial.name] = trial_config(trial.study, trial_dir, tracking)
@@ -112,7 +113,7 @@ def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
     except BaseException:
         tracker.end(parent_run_id, "FAILED")
         raise
-    summary = _summarise(tracker, experiment_id, parent_run_id, configs)
+    summary = _summarise(tracker, experiment_id, parent_run_id)
     tracker.log_metrics(parent_run_id, {"wall_seconds": time.time() - started}, step=0)
     status = "FINISHED" if all(r == "TERMINATED" for r in results.values()) else "FAILED"
     tracker.end(parent_run_id, status)
@@ -121,17 +122,19 @@ def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
             "trials": summary, "status": status}
 
 
+def study_tags(study: StudyConfig, commit: str) -> dict:
+    return {"method": study.method, "git_commit": commit, "dataset": study.data.name,
+            "config_hash": study.config_hash()}
+
+
 def _parent_run(tracker: Tracker, experiment_id: str, study: StudyConfig, source_text: str,
-                paths: StudyPaths, resume: bool) -> str:
+                paths: StudyPaths, resume: bool, source: str) -> str:
     latest = paths.latest_file(study.name)
     if resume:
-        if not latest.exists():
-            raise FileNotFoundError(f"nothing to resume: no earlier run of study {study.name!r} in {paths.workdir}")
         parent_run_id = json.loads(latest.read_text())["parent_run_id"]
         tracker.client.update_run(parent_run_id, status="RUNNING")
         return parent_run_id
-    tags = {"sslab.role": "study", "method": study.method, "git_commit": git_commit(),
-            "dataset": study.data.name, "config_hash": study.config_hash()}
+    tags = study_tags(study, git_commit()) | {"sslab.role": "study"}
     parent_run_id = tracker.start_parent(experiment_id, f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags)
     tracker.log_text(parent_run_id, source_text, "study.yaml")
     tracker.log_dict(parent_run_id, study.to_dict(), "resolved_config.json")
@@ -139,7 +142,7 @@ def _parent_run(tracker: Tracker, experiment_id: str, study: StudyConfig, source
     return parent_run_id
 
 
-def _summarise(tracker: Tracker, experiment_id: str, parent_run_id: str, configs: dict) -> list[dict]:
+def _summarise(tracker: Tracker, experiment_id: str, parent_run_id: str) -> list[dict]:
     """One row per trial from its child run; a CSV of it goes to the parent run."""
     import pandas as pd
 

@@ -101,3 +101,11 @@ def test_bad_sweep_point_names_its_index(tiny_raw):
     tiny_raw["sweep"] = {"points": [{"method": "simclr"}, {"method": "byol", "method_args.tau_base": 2}]}
     with pytest.raises(ConfigError, match=r"sweep.points\[1\].*method_args.tau_base"):
         build_study(tiny_raw)
+
+
+def test_resume_without_an_earlier_run_is_a_clear_error(tmp_path, tiny_raw, capsys):
+    path = write(tmp_path, tiny_raw)
+    code = main(["run", str(path), "--resume", "--workdir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--resume" in err and "no earlier run" in err
+    assert not (tmp_path / "runs").exists()
