@@ -76,6 +76,9 @@ class TrainConfig:
     batch_size: int = check(default=256, gt=1)       # global, split across workers
     optimizer: Literal["sgd", "adamw", "lars"] = "sgd"
     lr: float = check(default=0.06, gt=0)
+    # How lr follows the batch size B (SimCLR App. B.1): none (lr as given), linear
+    # (lr * B / 256) or sqrt (lr * sqrt(B / 256)); lr is then the rate at batch 256.
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     weight_decay: float = check(default=5e-4, ge=0)
     momentum: float = check(default=0.9, ge=0, lt=1)
     warmup_epochs: float = check(default=0, ge=0)
@@ -106,6 +109,17 @@ class EvalConfig:
 
 
 @dataclass
+class SchedulerConfig:
+    """Tune trial scheduler. ASHA stops weak trials at rungs grace_period * reduction_factor^k
+    (epochs). Early kNN accuracy predicts final rank poorly in SSL: keep the grace long."""
+    name: Literal["fifo", "asha"] = "fifo"
+    metric: str = "knn_top1"
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = check(default=10, ge=1)
+    reduction_factor: int = check(default=2, ge=2)
+
+
+@dataclass
 class StudyConfig:
     name: str
     method: str = "simclr"
@@ -121,6 +135,7 @@ class StudyConfig:
     # ({method: moco_v2, train.lr: 0.06}) crossed with the grid; every point runs once per seed
     sweep: dict = field(default_factory=dict)
     max_concurrent_trials: int = check(default=1, ge=1)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sslab.platform.config import ConfigError, StudyConfig, build_study, flatten, set_dotted
-from sslab.platform.tracking import Tracker, TrialTracking, default_tracking_uri, git_commit
+from sslab.platform.tracking import TRIAL_TAG, Tracker, TrialTracking, default_tracking_uri, git_commit
 from sslab.platform.train import CHECKPOINT_NAME, train_loop, trial_config
 
 SEED_KEY = "train.seed"
@@ -113,6 +113,7 @@ def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
     except BaseException:
         tracker.end(parent_run_id, "FAILED")
         raise
+    _close_dangling_runs(tracker, experiment_id, parent_run_id, results)
     summary = _summarise(tracker, experiment_id, parent_run_id)
     tracker.log_metrics(parent_run_id, {"wall_seconds": time.time() - started}, step=0)
     status = "FINISHED" if all(r == "TERMINATED" for r in results.values()) else "FAILED"
@@ -140,6 +141,18 @@ def _parent_run(tracker: Tracker, experiment_id: str, study: StudyConfig, source
     tracker.log_dict(parent_run_id, study.to_dict(), "resolved_config.json")
     latest.write_text(json.dumps({"parent_run_id": parent_run_id}))
     return parent_run_id
+
+
+def _close_dangling_runs(tracker: Tracker, experiment_id: str, parent_run_id: str,
+                         results: dict[str, str]) -> None:
+    """A trial that a scheduler stopped early is ended by Tune without a word to the training
+    function, and a crashed worker cannot close its run: mark them KILLED / FAILED."""
+    for run in tracker.child_runs(experiment_id, parent_run_id):
+        if run.info.status == "RUNNING":
+            errored = results.get(run.data.tags.get(TRIAL_TAG)) == "ERROR"
+            if not errored:
+                tracker.set_tag(run.info.run_id, "sslab.stopped_early", "true")
+            tracker.end(run.info.run_id, "FAILED" if errored else "KILLED")
 
 
 def _summarise(tracker: Tracker, experiment_id: str, parent_run_id: str) -> list[dict]:
@@ -217,6 +230,17 @@ def _make_trainable(configs: dict, invocation: Path, workers: int, cpus_per_work
     return trainable
 
 
+def _scheduler(study: StudyConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = study.scheduler
+    if s.name == "fifo":
+        return FIFOScheduler()
+    # time_attr "epoch": Tune's own training_iteration restarts after a restore.
+    return ASHAScheduler(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=study.train.epochs,
+                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+
+
 def _run_tune(study: StudyConfig, configs: dict, invocation: Path, ray_address: str | None,
               resume: bool) -> dict[str, str]:
     """Runs (or resumes) the Tune experiment; returns {trial name: final Tune status}."""
@@ -239,7 +263,7 @@ def _run_tune(study: StudyConfig, configs: dict, invocation: Path, ray_address: 
             trainable,
             param_space={"trial": tune.grid_search(list(configs))},
             tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent_trials,
-                                        reuse_actors=False),
+                                        reuse_actors=False, scheduler=_scheduler(study)),
             run_config=tune.RunConfig(name="tune", storage_path=str(storage),
                                       failure_config=tune.FailureConfig(max_failures=0),
                                       verbose=1))

@@ -136,6 +136,12 @@ def build_optimizer(method: nn.Module, train: TrainConfig) -> torch.optim.Optimi
     return LARS(groups, lr=train.lr, momentum=train.momentum)
 
 
+def scaled_lr(train: TrainConfig) -> float:
+    """The peak learning rate after the batch-size scaling rule."""
+    ratio = train.batch_size / 256
+    return train.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[train.lr_scaling]
+
+
 def learning_rate(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
     """Linear warm-up, then cosine decay to zero (SimCLR App. B.1)."""
     if step < warmup_steps:
@@ -333,10 +339,12 @@ def train_loop(config: dict) -> dict:
                        f"{steps_per_epoch} steps, batch {train.batch_size} on {runtime.world_size} "
                        f"worker(s), {runtime.device}")
 
+    latest_knn: dict = {}   # every report carries the latest kNN: schedulers compare trials on it
     if start_epoch == 0 and study.eval.random_init_baseline and runtime.is_main:
         baseline, _ = protocol_eval(method, data, study, runtime, prefix="random_init_")
         say(runtime, name, "random init: " + _format(baseline))
         logger.log_once(baseline | {"knn_top1": baseline["random_init_knn_top1"]}, 0, "random_init_knn_top1")
+        latest_knn = {"knn_top1": baseline["random_init_knn_top1"], "knn_top5": baseline["random_init_knn_top5"]}
 
     warmup_steps = int(train.warmup_epochs * steps_per_epoch)
     metrics: dict = {}
@@ -351,13 +359,14 @@ def train_loop(config: dict) -> dict:
                 logger.log_artifact_once(subsets, "eval/label_subsets.json")
             elif runtime.is_main and study.eval.knn_every and epoch % study.eval.knn_every == 0:
                 metrics.update(knn_eval(method, data, study, runtime))
+            latest_knn.update({k: v for k, v in metrics.items() if k.startswith("knn_")})
             # Log before the checkpoint: a crash in between re-runs this epoch, whose metrics
             # are then skipped as already logged (never lost, never twice).
             logger.log(metrics, epoch)
             if runtime.is_main and (is_last or epoch % train.checkpoint_every == 0):
                 save_checkpoint(checkpoint, method, optimizer, epoch, step)
             say(runtime, name, "epoch " + _format(metrics))
-            runtime.report(metrics)
+            runtime.report(latest_knn | metrics)
     except BaseException:
         logger.end("FAILED")
         raise
@@ -375,7 +384,7 @@ def run_epoch(method, optimizer, data, study, runtime, epoch, step, steps_per_ep
     torch.manual_seed(train.seed * 1_000_003 + epoch * 1009 + runtime.rank)   # augmentation draws
     meter, started = EpochMeter(), time.perf_counter()
     for i in range(steps_per_epoch):
-        lr = learning_rate(step, total_steps, warmup_steps, train.lr)
+        lr = learning_rate(step, total_steps, warmup_steps, scaled_lr(train))
         for group in optimizer.param_groups:
             group["lr"] = lr
         begin = i * train.batch_size + runtime.rank * local_batch
@@ -398,6 +407,6 @@ def run_epoch(method, optimizer, data, study, runtime, epoch, step, steps_per_ep
                                f"loss {so_far['loss']:.4f}")
     seconds = time.perf_counter() - started
     metrics = meter.means()
-    metrics.update(epoch=epoch, lr=lr, epoch_seconds=seconds,
+    metrics.update(epoch=epoch, lr=lr, peak_lr=scaled_lr(train), epoch_seconds=seconds,
                    images_per_s=steps_per_epoch * train.batch_size / seconds)
     return metrics, step

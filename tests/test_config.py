@@ -109,3 +109,10 @@ def test_resume_without_an_earlier_run_is_a_clear_error(tmp_path, tiny_raw, caps
     err = capsys.readouterr().err
     assert code == 2 and "--resume" in err and "no earlier run" in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_study_validates(path):
+    from sslab.platform.study import expand_trials
+    study, raw = load_study(path)
+    assert study.name == path.stem and expand_trials(study, raw)

@@ -62,3 +62,19 @@ def test_two_workers_fit_on_two_cpus_beside_their_driver(tiny_raw):
     tiny_raw["train"]["num_workers"] = 2
     driver, per_worker = trial_resources(build_study(tiny_raw), cluster_cpus=2)
     assert driver["CPU"] + 2 * per_worker <= 2
+
+
+def test_asha_stops_weak_trials_and_leaves_no_run_running(ray_cluster, tmp_path, tiny_raw):
+    tiny_raw["train"]["epochs"] = 4
+    tiny_raw["eval"] = {"knn_k": 20, "knn_every": 1, "protocols": ["knn"]}
+    tiny_raw["sweep"] = {"method_args.temperature": [0.05, 0.1, 0.5, 1.0]}
+    tiny_raw["scheduler"] = {"name": "asha", "grace_period": 1, "reduction_factor": 2}
+    result = _run(tmp_path, tiny_raw)
+    tracker, runs = _children(result)
+    assert len(runs) == 4
+    epochs = {r.data.tags["sslab.trial"]: len(tracker.client.get_metric_history(r.info.run_id, "loss"))
+              for r in runs}
+    assert min(epochs.values()) < 4 and max(epochs.values()) == 4      # some stopped early
+    assert all(r.info.status != "RUNNING" for r in runs)
+    stopped = [r for r in runs if epochs[r.data.tags["sslab.trial"]] < 4]
+    assert all(r.info.status == "KILLED" for r in stopped)

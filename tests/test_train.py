@@ -120,3 +120,11 @@ def test_bf16_autocast_and_channels_last_switches_train(tmp_path, tiny_raw):
     tiny_raw["train"].update(amp=True, channels_last=True, epochs=1)
     metrics = train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
     assert torch.isfinite(torch.tensor(metrics["loss"])) and 0 <= metrics["knn_top1"] <= 1
+
+
+@pytest.mark.parametrize("rule, batch, expected", [("none", 512, 0.3), ("linear", 512, 0.6),
+                                                   ("linear", 128, 0.15), ("sqrt", 1024, 0.6)])
+def test_batch_size_scales_the_learning_rate_by_the_rule(tiny_raw, rule, batch, expected):
+    from sslab.platform.train import scaled_lr
+    tiny_raw["train"].update(lr=0.3, lr_scaling=rule, batch_size=batch)
+    assert scaled_lr(build_study(tiny_raw).train) == pytest.approx(expected)
