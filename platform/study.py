@@ -145,14 +145,16 @@ def _parent_run(tracker: Tracker, experiment_id: str, study: StudyConfig, source
 
 def _close_dangling_runs(tracker: Tracker, experiment_id: str, parent_run_id: str,
                          results: dict[str, str]) -> None:
-    """A trial that a scheduler stopped early is ended by Tune without a word to the training
-    function, and a crashed worker cannot close its run: mark them KILLED / FAILED."""
+    """Tune knows how each trial ended; its MLflow run may not. A run that did not finish while
+    Tune reports no error was stopped early by the scheduler (the training function sees that
+    only as an exception in `report`): KILLED. A run a crashed worker left RUNNING: FAILED."""
     for run in tracker.child_runs(experiment_id, parent_run_id):
-        if run.info.status == "RUNNING":
-            errored = results.get(run.data.tags.get(TRIAL_TAG)) == "ERROR"
-            if not errored:
-                tracker.set_tag(run.info.run_id, "sslab.stopped_early", "true")
-            tracker.end(run.info.run_id, "FAILED" if errored else "KILLED")
+        errored = results.get(run.data.tags.get(TRIAL_TAG)) == "ERROR"
+        if run.info.status != "FINISHED" and not errored:
+            tracker.set_tag(run.info.run_id, "sslab.stopped_early", "true")
+            tracker.end(run.info.run_id, "KILLED")
+        elif run.info.status == "RUNNING":
+            tracker.end(run.info.run_id, "FAILED")
 
 
 def _summarise(tracker: Tracker, experiment_id: str, parent_run_id: str) -> list[dict]:

@@ -330,6 +330,11 @@ def train_loop(config: dict) -> dict:
     start_epoch, step = 0, 0
     if checkpoint.exists():
         start_epoch, step = load_checkpoint(checkpoint, method, optimizer, runtime.device)
+        if start_epoch >= train.epochs:
+            # Finished before a restart whose scheduler had not yet recorded it: nothing to do,
+            # and its MLflow run stays as it ended.
+            say(runtime, name, f"already complete ({checkpoint})")
+            return {}
         say(runtime, name, f"resumed from {checkpoint} after epoch {start_epoch}")
     if train.compile:
         method.backbone.compile()   # in place: state-dict keys (checkpoints) unchanged

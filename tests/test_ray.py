@@ -77,4 +77,56 @@ def test_asha_stops_weak_trials_and_leaves_no_run_running(ray_cluster, tmp_path,
     assert min(epochs.values()) < 4 and max(epochs.values()) == 4      # some stopped early
     assert all(r.info.status != "RUNNING" for r in runs)
     stopped = [r for r in runs if epochs[r.data.tags["sslab.trial"]] < 4]
-    assert all(r.info.status == "KILLED" for r in stopped)
+    assert [r.info.status for r in stopped] == ["KILLED"] * len(stopped)
+
+
+def test_killed_driver_resumes_only_unfinished_trials(tmp_path, tiny_raw):
+    """`sslab run` SIGKILLed (with its Ray) after the first trial finished; `--resume` finishes the
+    rest: one child run per trial, all FINISHED, each epoch logged once, the parent FINISHED."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import yaml
+
+    tiny_raw.update(seeds=[0, 1, 2])
+    tiny_raw["train"]["epochs"] = 3
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="",
+               RAY_TMPDIR=tempfile.mkdtemp(prefix="sslabk", dir="/tmp"))
+    command = [sys.executable, "-m", "sslab.platform.cli", "run", str(path), "--workdir",
+               str(tmp_path / "runs"), "--tracking-uri", uri, "--reports", str(tmp_path / "reports")]
+    driver = subprocess.Popen(command, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tracker, deadline = Tracker(uri), time.time() + 240
+    finished = []
+    while time.time() < deadline and driver.poll() is None:
+        experiment = tracker.client.get_experiment_by_name("tiny") if (tmp_path / "mlflow.db").exists() else None
+        runs = tracker.client.search_runs([experiment.experiment_id]) if experiment else []
+        finished = [r for r in runs if r.data.tags.get("sslab.trial") and r.info.status == "FINISHED"]
+        if finished:
+            break
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert len(finished) == 1, "the driver was not killed between trials"
+
+    resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    experiment = tracker.client.get_experiment_by_name("tiny")
+    parents = tracker.client.search_runs([experiment.experiment_id], "tags.sslab.role = 'study'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    runs = tracker.child_runs(experiment.experiment_id, parents[0].info.run_id)
+    assert sorted(r.data.tags["sslab.trial"] for r in runs) == ["seed=0", "seed=1", "seed=2"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in tracker.client.get_metric_history(run.info.run_id, "loss")]
+        assert sorted(steps) == [1, 2, 3]
+    # the trial that had finished before the kill was not run again
+    first = next(r for r in runs if r.info.run_id == finished[0].info.run_id)
+    assert first.info.end_time == finished[0].info.end_time
