@@ -87,6 +87,7 @@ class TrainConfig:
     compile: bool = False             # torch.compile the backbone (in place)
     num_workers: int = check(default=1, ge=1)       # >1: Ray Train TorchTrainer with DDP
     use_gpu: bool = False
+    gpus_per_worker: float = check(default=1.0, gt=0, le=1)   # < 1: trials share a GPU
     cpus_per_worker: Optional[float] = check(default=None, gt=0)  # None: CPUs / concurrent workers
     checkpoint_every: int = check(default=1, ge=1)  # epochs
     report_every_steps: int = check(default=50, ge=1)

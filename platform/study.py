@@ -115,6 +115,7 @@ def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
         raise
     _close_dangling_runs(tracker, experiment_id, parent_run_id, results)
     summary = _summarise(tracker, experiment_id, parent_run_id)
+    _record_best(tracker, parent_run_id, summary, study)
     tracker.log_metrics(parent_run_id, {"wall_seconds": time.time() - started}, step=0)
     status = "FINISHED" if all(r == "TERMINATED" for r in results.values()) else "FAILED"
     tracker.end(parent_run_id, status)
@@ -155,6 +156,17 @@ def _close_dangling_runs(tracker: Tracker, experiment_id: str, parent_run_id: st
             tracker.end(run.info.run_id, "KILLED")
         elif run.info.status == "RUNNING":
             tracker.end(run.info.run_id, "FAILED")
+
+
+def _record_best(tracker: Tracker, parent_run_id: str, rows: list[dict], study: StudyConfig) -> None:
+    """The parent run names the best trial by the scheduler's metric (default: final kNN top-1)."""
+    metric, sign = study.scheduler.metric, (1 if study.scheduler.mode == "max" else -1)
+    scored = [r for r in rows if r.get(metric) is not None and r["status"] == "FINISHED"]
+    if scored:
+        best = max(scored, key=lambda r: sign * r[metric])
+        tracker.set_tag(parent_run_id, "best_trial", best["trial"])
+        tracker.set_tag(parent_run_id, "best_run_id", best["run_id"])
+        tracker.log_metrics(parent_run_id, {f"best_{metric}": best[metric]}, step=0)
 
 
 def _summarise(tracker: Tracker, experiment_id: str, parent_run_id: str) -> list[dict]:
@@ -202,12 +214,12 @@ def trial_resources(study: StudyConfig, cluster_cpus: float) -> tuple[dict, floa
         share -= 0.01 if train.num_workers > 1 else 0
         cpus = float(math.floor(share)) if share >= 1 else round(max(share, 0.01), 2)
     if train.num_workers == 1:
-        return {"CPU": cpus, "GPU": 1 if train.use_gpu else 0}, cpus
+        return {"CPU": cpus, "GPU": train.gpus_per_worker if train.use_gpu else 0}, cpus
     return {"CPU": 0.01}, cpus
 
 
 def _make_trainable(configs: dict, invocation: Path, workers: int, cpus_per_worker: float,
-                    use_gpu: bool, max_failures: int):
+                    gpus_per_worker: float, max_failures: int):
     def trainable(tune_config: dict) -> None:
         config = dict(configs[tune_config["trial"]])
         if workers == 1:
@@ -221,8 +233,9 @@ def _make_trainable(configs: dict, invocation: Path, workers: int, cpus_per_work
         config["runtime"] = "train"
         trainer = TorchTrainer(
             train_loop, train_loop_config=config,
-            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                                   resources_per_worker={"CPU": cpus_per_worker}),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=workers, use_gpu=gpus_per_worker > 0,
+                resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpus_per_worker else {})),
             # A stable name: a restarted trial finds the same run again.
             run_config=ray.train.RunConfig(name=f"train-{tune_config['trial']}",
                                            storage_path=str(invocation / "ray"),
@@ -255,7 +268,8 @@ def _run_tune(study: StudyConfig, configs: dict, invocation: Path, ray_address: 
         config["study"]["train"]["cpus_per_worker"] = cpus_per_worker
     trainable = tune.with_resources(
         _make_trainable(configs, invocation, study.train.num_workers, cpus_per_worker,
-                        study.train.use_gpu, study.train.max_failures), resources)
+                        study.train.gpus_per_worker if study.train.use_gpu else 0,
+                        study.train.max_failures), resources)
     storage = invocation / "ray"
     if resume and tune.Tuner.can_restore(str(storage / "tune")):
         tuner = tune.Tuner.restore(str(storage / "tune"), trainable, resume_errored=True,

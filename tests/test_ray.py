@@ -37,6 +37,10 @@ def test_parallel_seed_trials_each_get_a_finished_child_run(ray_cluster, tmp_pat
         history = tracker.client.get_metric_history(run.info.run_id, "loss")
         assert sorted(m.step for m in history) == [1, 2]     # no metric lost to sqlite locking
         assert "random_init_knn_top1" in run.data.metrics and "knn_top1" in run.data.metrics
+    parent = tracker.client.get_run(result["parent_run_id"])
+    best = max(runs, key=lambda r: r.data.metrics["knn_top1"])
+    assert parent.data.tags["best_trial"] == best.data.tags["sslab.trial"]
+    assert parent.info.status == "FINISHED"
     out = build_report("tiny", result["tracking_uri"], tmp_path / "reports" / "tiny")
     text = (out / "report.md").read_text()
     assert "temperature=0.2" in text and "±" in text
@@ -62,6 +66,13 @@ def test_two_workers_fit_on_two_cpus_beside_their_driver(tiny_raw):
     tiny_raw["train"]["num_workers"] = 2
     driver, per_worker = trial_resources(build_study(tiny_raw), cluster_cpus=2)
     assert driver["CPU"] + 2 * per_worker <= 2
+
+
+def test_gpu_fractions_let_trials_share_a_gpu(tiny_raw):
+    tiny_raw["train"].update(use_gpu=True, gpus_per_worker=0.25)
+    tiny_raw["max_concurrent_trials"] = 4
+    resources, _ = trial_resources(build_study(tiny_raw), cluster_cpus=16)
+    assert resources == {"CPU": 4.0, "GPU": 0.25}
 
 
 def test_asha_stops_weak_trials_and_leaves_no_run_running(ray_cluster, tmp_path, tiny_raw):
