@@ -21,10 +21,10 @@ def _workdir(args) -> Path:
 
 
 def cmd_validate(args) -> int:
-    study, _ = load_study(args.study, args.set)
+    study, raw = load_study(args.study, args.set)
     from sslab.platform.study import expand_trials
 
-    trials = expand_trials(study, load_study(args.study, args.set)[1])
+    trials = expand_trials(study, raw)
     print(f"{args.study}: ok ({study.method}, {len(trials)} trial(s): "
           f"{', '.join(t.name for t in trials)})")
     return 0
