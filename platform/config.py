@@ -101,7 +101,8 @@ class EvalConfig:
     knn_temperature: float = check(default=0.1, gt=0)
     knn_every: int = check(default=0, ge=0)          # epochs; 0 = only before and after training
     random_init_baseline: bool = True
-    # End-of-pretraining protocols (logged as eval/<protocol>_top1), also run by `sslab eval`.
+    # End-of-pretraining protocols (logged as eval/<protocol>_top1), also run by `sslab eval`;
+    # kNN runs whatever this lists (it is the monitor).
     protocols: list[Literal["knn", "linear", "finetune"]] = field(default_factory=lambda: ["knn", "linear"])
     label_fractions: list[float] = field(default_factory=lambda: [1.0])   # e.g. [0.01, 0.1, 1.0]
     linear_l2: float = check(default=1e-4, gt=0)

@@ -173,10 +173,10 @@ def run_protocols(method, data, eval_cfg, device, seed: int = 0, amp: bool = Fal
         test_f = extract_features(method.features, data.test_images, device, amp=amp)
     num_classes = len(data.classes)
     metrics, subsets = {}, {}
-    if "knn" in eval_cfg.protocols:
-        knn = knn_accuracy(train_f, data.train_labels, test_f, data.test_labels, num_classes,
-                           k=eval_cfg.knn_k, temperature=eval_cfg.knn_temperature)
-        metrics |= {f"{prefix}{k}": v for k, v in knn.items()}
+    # kNN always: it is the monitor every report and scheduler reads, and nearly free here.
+    knn = knn_accuracy(train_f, data.train_labels, test_f, data.test_labels, num_classes,
+                       k=eval_cfg.knn_k, temperature=eval_cfg.knn_temperature)
+    metrics |= {f"{prefix}{k}": v for k, v in knn.items()}
     for fraction in eval_cfg.label_fractions:
         keep = balanced_subset(data.train_labels, fraction, seed)
         suffix = fraction_suffix(fraction)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from sslab.platform.augment import Augment, Normalize, channel_stats
 from sslab.platform.backbones import build_backbone
 from sslab.platform.config import StudyConfig, TrainConfig, build_study
 from sslab.platform.data import Dataset, atomic_torch_save, load_dataset
-from sslab.platform.evaluate import eval_mode, extract_features, knn_accuracy, run_protocols
+from sslab.platform.evaluate import eval_mode, run_protocols
 from sslab.platform.tracking import TrialTracking
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -158,8 +159,6 @@ def wrap_ddp(method: Method, runtime: Runtime) -> None:
         return
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    import inspect
-
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     # No buffer sync in forward: each rank keeps its own BN statistics (as SimCLR's per-device
     # BN), and a forward on one rank alone (kNN on rank 0) needs no collective. torch >= 2.14
@@ -241,12 +240,8 @@ class EpochMeter:
 
 def knn_eval(method: Method, data: Dataset, study: StudyConfig, runtime: Runtime) -> dict[str, float]:
     """The per-epoch monitor: weighted kNN on eval-mode features, plus the method's own."""
-    with unwrapped(method), eval_mode(method):
-        train_f = extract_features(method.features, data.train_images, runtime.device, amp=study.train.amp)
-        test_f = extract_features(method.features, data.test_images, runtime.device, amp=study.train.amp)
-        extra = method.evaluate(data)
-    return knn_accuracy(train_f, data.train_labels, test_f, data.test_labels, len(data.classes),
-                        k=study.eval.knn_k, temperature=study.eval.knn_temperature) | extra
+    knn_only = dataclasses.replace(study.eval, protocols=["knn"], label_fractions=[1.0])
+    return protocol_eval(method, data, dataclasses.replace(study, eval=knn_only), runtime, prefix="")[0]
 
 
 def protocol_eval(method: Method, data: Dataset, study: StudyConfig, runtime: Runtime,

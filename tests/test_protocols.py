@@ -104,3 +104,11 @@ def test_label_fractions_are_validated(tiny_raw):
     tiny_raw["eval"]["label_fractions"] = [0.1, 1.5]
     with pytest.raises(ConfigError, match=r"eval.label_fractions\[1\]"):
         build_study(tiny_raw)
+
+
+def test_knn_runs_even_when_not_listed(tmp_path, tiny_raw):
+    """kNN is the monitor reports and schedulers read: a study listing only `linear` still has it."""
+    tiny_raw["eval"]["protocols"] = ["linear"]
+    tiny_raw["train"]["epochs"] = 1
+    metrics = train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
+    assert 0 <= metrics["eval/knn_top1"] <= 1 and 0 <= metrics["eval/linear_top1"] <= 1
