@@ -66,6 +66,7 @@ def cmd_eval(args) -> int:
 
     from sslab.platform.config import build_study, set_dotted
     from sslab.platform.tracking import Tracker, default_tracking_uri
+    from sslab.platform.data import load_dataset
     from sslab.platform.train import evaluate_checkpoint
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(_workdir(args))
@@ -88,9 +89,10 @@ def cmd_eval(args) -> int:
     if not checkpoint.is_file():
         raise ConfigError(f"run {args.run}", "tags.sslab.checkpoint", f"no checkpoint at {checkpoint}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and study.train.use_gpu else "cpu"))
-    metrics, subsets, epoch = evaluate_checkpoint(study, checkpoint, device)
+    data = load_dataset(study.data)
+    metrics, subsets, epoch = evaluate_checkpoint(study, data, checkpoint, device)
     if args.random_init:
-        metrics |= evaluate_checkpoint(study, None, device, prefix="eval/random_init_")[0]
+        metrics |= evaluate_checkpoint(study, data, None, device, prefix="eval/random_init_")[0]
     tracker.log_metrics(args.run, metrics, step=epoch)
     if subsets:
         tracker.log_dict(args.run, subsets, "eval/label_subsets.json")

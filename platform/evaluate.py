@@ -54,20 +54,19 @@ def knn_predict_scores(train_features: torch.Tensor, train_labels: torch.Tensor,
     return torch.cat(scores)
 
 
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
-    ranked = scores.topk(max(ks), dim=1).indices
-    hits = ranked == labels.view(-1, 1)
-    return {k: hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+def top1_top5(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """{'top1', 'top5'} accuracies of class scores (top-5 is top-k for fewer than 5 classes)."""
+    k = min(5, scores.shape[1])
+    hits = scores.topk(k, dim=1).indices == labels.to(scores.device).view(-1, 1)
+    return {"top1": hits[:, 0].float().mean().item(), "top5": hits.any(dim=1).float().mean().item()}
 
 
 def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes: int,
                  k: int = 200, temperature: float = 0.1) -> dict[str, float]:
     """{'knn_top1': ..., 'knn_top5': ...} in [0, 1]."""
-    device = train_features.device
-    scores = knn_predict_scores(train_features, train_labels.to(device), test_features,
+    scores = knn_predict_scores(train_features, train_labels.to(train_features.device), test_features,
                                 num_classes, k, temperature)
-    acc = topk_accuracy(scores, test_labels.to(device), ks=(1, min(5, num_classes)))
-    return {"knn_top1": acc[1], "knn_top5": acc[min(5, num_classes)]}
+    return {f"knn_{k}": v for k, v in top1_top5(scores, test_labels).items()}
 
 
 # ----------------------------------------------------------------------------- label subsets
@@ -113,9 +112,7 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     with torch.enable_grad():
         optimizer.step(closure)
     with torch.no_grad():
-        scores = classifier(x_test)
-    acc = topk_accuracy(scores, test_labels.to(scores.device), ks=(1, min(5, num_classes)))
-    return {"top1": acc[1], "top5": acc[min(5, num_classes)]}
+        return top1_top5(classifier(x_test), test_labels)
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -153,8 +150,7 @@ def finetune(encoder: nn.Module, normalize: nn.Module, feature_dim: int, train_i
             schedule.step()
     with eval_mode(model):
         scores = extract_features(lambda x: model(normalize(x)), test_images, device, amp=amp)
-    acc = topk_accuracy(scores, test_labels.to(scores.device), ks=(1, min(5, num_classes)))
-    return {"top1": acc[1], "top5": acc[min(5, num_classes)]}
+    return top1_top5(scores, test_labels)
 
 
 # ----------------------------------------------------------------------------- all protocols

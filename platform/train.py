@@ -204,11 +204,10 @@ def load_checkpoint(path: Path, method: Method, optimizer, device) -> tuple[int,
     return state["epoch"], state["step"]
 
 
-def evaluate_checkpoint(study: StudyConfig, checkpoint: Path | None, device: torch.device,
-                        prefix: str = "eval/") -> tuple[dict[str, float], dict, int]:
+def evaluate_checkpoint(study: StudyConfig, data: Dataset, checkpoint: Path | None,
+                        device: torch.device, prefix: str = "eval/") -> tuple[dict[str, float], dict, int]:
     """The study's protocols on a checkpoint's encoder (None: random initialisation).
     Returns (metrics, label subsets, epochs the checkpoint had trained)."""
-    data = load_dataset(study.data)
     torch.manual_seed(study.train.seed)
     method = build_method(study, data, device, total_steps=1)
     epoch = 0
