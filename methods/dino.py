@@ -10,7 +10,6 @@ from torch import nn
 
 from sslab.methods.base import Method, MethodContext
 from sslab.methods.ema import cosine_momentum, ema_update, frozen_copy
-from sslab.methods.heads import projection_head
 from sslab.methods.losses import embedding_std
 from sslab.platform.augment import Augment, AugmentRecipe
 from sslab.platform.config import check

@@ -50,7 +50,6 @@ class MoCoV2(Method):
         self.key_backbone, self.key_head = frozen_copy(self.backbone), frozen_copy(self.head)
         self.register_buffer("queue", torch.zeros(args.queue_size, args.proj_dim))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.batch_per_step = None   # global keys per step, known at the first step
         self._keys = None
 
     @classmethod

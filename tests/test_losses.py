@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 from sslab.methods.clip import clip_loss
 from sslab.methods.losses import nt_xent

@@ -1,11 +1,10 @@
 """Evaluation protocols: linear probe against scikit-learn, label subsets, fine-tuning,
 end-of-run evaluation and `sslab eval` on a run's checkpoint."""
-import numpy as np
 import pytest
 import torch
 
 from sslab.platform.cli import main
-from sslab.platform.config import EvalConfig, build_study
+from sslab.platform.config import build_study
 from sslab.platform.evaluate import balanced_subset, finetune, fraction_suffix, linear_probe
 from sslab.platform.tracking import Tracker, TrialTracking
 from sslab.platform.train import CHECKPOINT_NAME, train_loop, trial_config

@@ -1,5 +1,4 @@
 """The training loop in-process: checkpoints, resume after a kill, failures, every method."""
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,6 @@ from sslab.platform.train import (CHECKPOINT_NAME, LARS, build_method, learning_
                                   train_loop, trial_config)
 from sslab.platform.tracking import Tracker, TrialTracking
 
-from conftest import REPO
 
 
 def test_two_epochs_write_checkpoint_and_metrics(tmp_path, tiny_raw):
