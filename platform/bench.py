@@ -22,7 +22,7 @@ from torch import nn
 
 from sslab.platform.config import build_study
 from sslab.platform.data import load_dataset
-from sslab.platform.train import build_method, build_optimizer
+from sslab.platform.train import build_method, build_optimizer, train_step
 
 
 class ViewFeed(nn.Module):
@@ -70,14 +70,6 @@ def _time_interleaved(step_fns: dict, rounds: int, steps: int, warmup: int, devi
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _train_step(method, optimizer, images, amp, device):
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        loss, _ = method.training_step(images, 0)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
 def _pil_loader(data, recipe, batch_size: int, workers: int, views: int, mean, std, pin: bool):
     """The conventional pipeline: PIL images, torchvision transforms per sample, DataLoader."""
     import torchvision.transforms as T
@@ -120,15 +112,16 @@ def run_bench(args) -> dict:
 
     def sslab_step():
         index = torch.randint(len(data.train_images), (batch,), generator=gen).to(device)
-        _train_step(method, optimizer, data.train_images[index], args.amp, device)
+        train_step(method, optimizer, data.train_images[index], 0, index, args.amp)
 
+    first = torch.arange(batch, device=device)   # the images the fixed views come from
     real_augment = method.augment
     fixed = [real_augment(data.train_images[:batch]) for _ in range(views_per_image)]
     feed = ViewFeed()
 
     def bare_step():
         feed.views = list(fixed)
-        _train_step(method, optimizer, data.train_images[:batch], args.amp, device)
+        train_step(method, optimizer, data.train_images[:batch], 0, first, args.amp)
 
     loader = _pil_loader(data, real_augment.recipe, batch, args.loader_workers, views_per_image,
                          real_augment.normalize.mean.flatten().tolist(),
@@ -139,7 +132,7 @@ def run_bench(args) -> dict:
         feed.views = [v.to(device, non_blocking=True) for v in next(batches)]
         if study.train.channels_last:
             feed.views = [v.contiguous(memory_format=torch.channels_last) for v in feed.views]
-        _train_step(method, optimizer, data.train_images[:batch], args.amp, device)
+        train_step(method, optimizer, data.train_images[:batch], 0, first, args.amp)
 
     def with_augment(augment, fn):
         def step():

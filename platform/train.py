@@ -373,6 +373,19 @@ def train_loop(config: dict) -> dict:
     return metrics
 
 
+def train_step(method: Method, optimizer, images: torch.Tensor, step: int, index: torch.Tensor,
+               amp: bool) -> tuple[torch.Tensor, dict]:
+    """One optimisation step: the method's loss, backward, optimiser, then its EMA/queue update."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        loss, metrics = method.training_step(images, step, index)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with unwrapped(method):
+        method.on_step_end(step)
+    return loss, metrics
+
+
 def run_epoch(method, optimizer, data, study, runtime, epoch, step, steps_per_epoch, local_batch,
               total_steps, warmup_steps, name) -> tuple[dict, int]:
     train = study.train
@@ -389,13 +402,7 @@ def run_epoch(method, optimizer, data, study, runtime, epoch, step, steps_per_ep
         begin = i * train.batch_size + runtime.rank * local_batch
         index = order[begin:begin + local_batch].to(data.train_images.device)
         images = data.train_images[index].to(runtime.device, non_blocking=True)
-        with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=train.amp):
-            loss, step_metrics = method.training_step(images, step, index)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with unwrapped(method):
-            method.on_step_end(step)
+        loss, step_metrics = train_step(method, optimizer, images, step, index, train.amp)
         meter.add(loss, step_metrics)
         step += 1
         if (i + 1) % train.report_every_steps == 0 or i + 1 == steps_per_epoch:
