@@ -122,6 +122,20 @@ class SchedulerConfig:
 
 
 @dataclass
+class PaperConfig:
+    """What a paper reports for the ablation this study reproduces. Reports put it beside our
+    numbers and give a verdict from the orderings it implies."""
+    reference: str = ""                       # paper and section / table / figure
+    claim: str = ""                           # the claim, in a sentence or two
+    metric: str = "eval/linear_top1"          # our metric that stands for the paper's
+    # sweep point (its trial name without the seed, e.g. "temperature=0.1") -> the paper's number
+    results: dict = field(default_factory=dict)
+    # orderings the claim implies, "POINT > POINT" (also derived from `results`)
+    expect: list[str] = field(default_factory=list)
+    tie: float = check(default=1.0, ge=0)     # paper gaps below this many points imply no order
+
+
+@dataclass
 class StudyConfig:
     name: str
     method: str = "simclr"
@@ -138,6 +152,7 @@ class StudyConfig:
     sweep: dict = field(default_factory=dict)
     max_concurrent_trials: int = check(default=1, ge=1)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    paper: PaperConfig = field(default_factory=PaperConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -302,6 +317,7 @@ def build_study(raw: dict, source: str = "<config>") -> StudyConfig:
     _check_sweep(raw, study, source)
     _check_train(study, source)
     _check_eval(study, source)
+    _check_paper(study, source)
     return study
 
 
@@ -347,6 +363,36 @@ def _check_overrides(raw: dict, overrides: dict, key: str, source: str) -> None:
         raise ConfigError(source, key, f"{shown}: {err.key}: {err.message}") from None
 
 
+def parse_expectation(text: str) -> tuple[str, str]:
+    """'temperature=0.1 > temperature=1.0' -> ('temperature=0.1', 'temperature=1.0')."""
+    better, sep, worse = text.partition(">")
+    if not sep or not better.strip() or not worse.strip() or ">" in worse:
+        raise ValueError(f"{text!r} is not of the form 'POINT > POINT'")
+    return better.strip(), worse.strip()
+
+
+def _check_paper(study: StudyConfig, source: str) -> None:
+    """The points the paper section names must use the sweep's keys (a typo fails early); a
+    value not in the sweep is allowed (`--set sweep...` may change the values) and is reported
+    as not run."""
+    if not study.sweep:
+        return   # a single trial: its sweep was already expanded
+    from sslab.platform.study import point_names   # late: the study module imports the loop
+
+    keys = {part.split("=", 1)[0] for name in point_names(study.sweep) for part in name.split(",")}
+    named = [("paper.results", str(k)) for k in study.paper.results]
+    for i, text in enumerate(study.paper.expect):
+        try:
+            named += [(f"paper.expect[{i}]", p) for p in parse_expectation(text)]
+        except ValueError as err:
+            raise ConfigError(source, f"paper.expect[{i}]", str(err)) from None
+    for key, point in named:
+        unknown = [part for part in point.split(",") if part.split("=", 1)[0] not in keys or "=" not in part]
+        if unknown:
+            raise ConfigError(source, key, f"{point!r}: {unknown[0]!r} is not KEY=VALUE of a swept key "
+                                            f"({', '.join(sorted(keys))})")
+
+
 def _check_eval(study: StudyConfig, source: str) -> None:
     for i, fraction in enumerate(study.eval.label_fractions):
         if not 0 < fraction <= 1:
@@ -366,7 +412,10 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[StudyConfig
     raw = load_yaml(path)
     for text in overrides:
         key, value = parse_override(text)
-        set_dotted(raw, key, value)
+        if key.startswith("sweep."):   # a sweep's keys are themselves dotted paths
+            raw.setdefault("sweep", {})[key.removeprefix("sweep.")] = value
+        else:
+            set_dotted(raw, key, value)
     if "name" not in raw:
         raw["name"] = Path(path).stem
     return build_study(raw, source), raw

@@ -53,6 +53,11 @@ def expand_trials(study: StudyConfig, raw: dict) -> list[Trial]:
     return trials
 
 
+def point_names(sweep: dict) -> list[str]:
+    """The sweep points as named in trials and reports ('temperature=0.1')."""
+    return [trial_name(point | {SEED_KEY: 0}).rsplit(",seed=", 1)[0] for point in sweep_points(sweep)]
+
+
 def trial_name(values: dict) -> str:
     """'temperature=0.2,seed=0': the last part of each swept key, the seed last."""
     parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items() if k != SEED_KEY]
