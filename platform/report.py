@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from sslab.platform.tracking import TRIAL_TAG, Tracker
+from sslab.platform.verdict import expectations, judge, verdict
 
 CURVES = ("loss", "knn_top1")
 
@@ -57,9 +58,10 @@ def headlines(trials: pd.DataFrame) -> list[tuple[str, str, str]]:
     return [h for h in HEADLINES if h[0] in trials]
 
 
-def summarise(trials: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over seeds of each sweep point's headline metrics."""
+def summarise(trials: pd.DataFrame, extra: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Mean and std over seeds of each sweep point's headline metrics (and `extra` ones)."""
     columns = [c for trained, base, _ in headlines(trials) for c in (trained, base) if c in trials]
+    columns += [c for c in extra if c in trials and c not in columns]
     grouped = trials.assign(point=trials["trial"].map(point_name)).groupby("point")[columns]
     return grouped.agg(["mean", "std", "count"])
 
@@ -90,6 +92,67 @@ def _plot_curves(curves: pd.DataFrame, metric: str, ylabel: str) -> str | None:
     ax.grid(alpha=0.3)
     if data["trial"].nunique() <= 12:
         ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _parse_point(point: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in point.split(",") if "=" in part)
+
+
+def _sort_key(value: str):
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def _plot_sweep(trials: pd.DataFrame, metric: str, paper_results: dict) -> str | None:
+    """`metric` against the first swept key (mean ± std over seeds), one line per value of the
+    other keys; the paper's numbers, where given, as open markers on a second axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if trials.empty or metric not in trials:
+        return None
+    points = trials.assign(point=trials["trial"].map(point_name))
+    stats = points.groupby("point")[metric].agg(["mean", "std"])
+    parsed = {p: _parse_point(p) for p in stats.index}
+    keys = list(next(iter(parsed.values())).keys()) if parsed else []
+    if not keys:
+        return None
+    x_key, x_values = keys[0], sorted({v[keys[0]] for v in parsed.values()}, key=_sort_key)
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    groups: dict[str, list] = {}
+    for point, values in parsed.items():
+        rest = ",".join(f"{k}={values[k]}" for k in keys[1:])
+        groups.setdefault(rest, []).append((x_values.index(values[x_key]), point))
+    for rest, members in sorted(groups.items()):
+        members.sort()
+        xs = [x for x, _ in members]
+        ax.errorbar(xs, [stats.loc[p, "mean"] * 100 for _, p in members],
+                    yerr=[(stats.loc[p, "std"] if pd.notna(stats.loc[p, "std"]) else 0) * 100 for _, p in members],
+                    marker="o", capsize=3, label=rest or "ours")
+    base = metric.replace("eval/", "random_init_") if metric.startswith("eval/") else "random_init_" + metric
+    if base in trials:
+        ax.axhline(trials[base].mean() * 100, color="grey", ls=":", label="random init")
+    ax.set_xticks(range(len(x_values)), x_values)
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(f"ours: {metric} (%)")
+    ax.grid(alpha=0.3)
+    paper = [(x_values.index(parsed[p][x_key]), float(v)) for p, v in paper_results.items() if p in parsed]
+    if paper:
+        twin = ax.twinx()
+        twin.plot(*zip(*sorted(paper)), ls="--", marker="s", mfc="none", color="black", label="paper")
+        twin.set_ylabel("paper (%)")
+        twin.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower left")
+    return _png(fig)
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -103,7 +166,10 @@ def build_report(study: str, tracking_uri: str, out_dir: Path, parent_run_id: st
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = _parent_config(tracker, parent.info.run_id)
-    plots = {"loss.png": _plot_curves(curves, "loss", "training loss"),
+    paper = config.get("paper") or {}
+    metric = paper.get("metric") or "knn_top1"
+    plots = {"sweep.png": _plot_sweep(trials, metric, paper.get("results", {})),
+             "loss.png": _plot_curves(curves, "loss", "training loss"),
              "knn_top1.png": _plot_curves(curves, "knn_top1", "kNN top-1 (epoch 0 = random init)")}
     for name, png in plots.items():
         if png:
@@ -165,7 +231,29 @@ def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str) -
             points.append(row)
     return {"title": f"sslab report: {study}", "description": config.get("description", ""),
             "setup": setup, "header": header, "rows": rows,
-            "points_header": points_header, "points": points}
+            "points_header": points_header, "points": points,
+            "paper": _paper_section(config.get("paper") or {}, trials)}
+
+
+def _paper_section(paper: dict, trials: pd.DataFrame) -> dict | None:
+    """The paper's claim, its numbers beside ours, each ordering it implies judged, the verdict."""
+    if not paper.get("reference") and not paper.get("claim"):
+        return None
+    metric = paper.get("metric") or "eval/linear_top1"
+    stats: dict = {}
+    if not trials.empty and metric in trials:
+        summary = summarise(trials, extra=(metric,))
+        stats = {point: (row[(metric, "mean")], row[(metric, "std")], int(row[(metric, "count")]))
+                 for point, row in summary.iterrows()}
+    results = {str(k): v for k, v in (paper.get("results") or {}).items()}
+    numbers = [[point, f"{results[point]:g}" if point in results else "",
+                _pm(*stats[point]) if point in stats else "not run"]
+               for point in dict.fromkeys(list(stats) + list(results))]
+    comparisons = [judge(c, stats) for c in expectations(paper)]
+    rows = [[f"{c.better} > {c.worse}", c.source, _fmt(c.ours, 1, "+.1f"), _fmt(c.noise, 1, ".1f"), c.outcome]
+            for c in comparisons]
+    return {"reference": paper.get("reference", ""), "claim": paper.get("claim", ""), "metric": metric,
+            "numbers": numbers, "comparisons": rows, "verdict": verdict(comparisons)}
 
 
 def _cell(stats, column: str) -> str:
@@ -185,12 +273,27 @@ def _markdown(s: dict, plots: dict) -> str:
     if s["description"]:
         lines += [s["description"].strip(), ""]
     lines += ["## Setup", ""] + [f"- **{k}**: {v}" for k, v in s["setup"]] + [""]
+    if s["paper"]:
+        lines += _md_paper(s["paper"], plots)
     lines += ["## Results (mean ± std over seeds)", ""]
     lines += _md_table(s["points_header"], s["points"]) + [""]
     lines += ["## Trials", "", "MLflow run links are relative to `sslab ui` (http://127.0.0.1:5000/).", ""]
     lines += _md_table(s["header"], [r[:-1] + [f"[run]({r[-1]})"] for r in s["rows"]]) + [""]
-    lines += ["## Curves", ""] + [f"![{n}]({n})" for n, png in plots.items() if png] + [""]
+    lines += ["## Curves", ""] + [f"![{n}]({n})" for n, png in plots.items()
+                                  if png and not (n == "sweep.png" and s["paper"])] + [""]
     return "\n".join(lines)
+
+
+def _md_paper(paper: dict, plots: dict) -> list[str]:
+    lines = ["## The paper's claim", "", f"**{paper['reference']}**: {paper['claim']}", "",
+             f"**Verdict: {paper['verdict']}.**", "",
+             f"Compared on our `{paper['metric']}` (mean ± std over seeds, %):", ""]
+    lines += _md_table(["point", "paper", "ours"], paper["numbers"]) + [""]
+    if plots.get("sweep.png"):
+        lines += ["![sweep](sweep.png)", ""]
+    lines += ["Each ordering the claim implies, against twice the standard error of our difference:", ""]
+    lines += _md_table(["ordering", "from", "ours (pts)", "noise (pts)", "outcome"], paper["comparisons"])
+    return lines + [""]
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -211,14 +314,27 @@ def _html(s: dict, plots: dict) -> str:
             body += "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
-    images = "".join(f'<img alt="{e(n)}" src="data:image/png;base64,{png}">' for n, png in plots.items() if png)
+    def image(name):
+        return f'<img alt="{e(name)}" src="data:image/png;base64,{plots[name]}">' if plots.get(name) else ""
+
+    images = "".join(image(n) for n in plots if not (n == "sweep.png" and s["paper"]))
+    paper = ""
+    if s["paper"]:
+        p = s["paper"]
+        paper = (f"<h2>The paper's claim</h2><p><b>{e(p['reference'])}</b>: {e(p['claim'])}</p>"
+                 f"<p class='verdict'>Verdict: {e(p['verdict'])}.</p>"
+                 f"<p>Compared on our <code>{e(p['metric'])}</code> (mean ± std over seeds, %):</p>"
+                 f"{table(['point', 'paper', 'ours'], p['numbers'])}{image('sweep.png')}"
+                 f"<p>Each ordering the claim implies, against twice the standard error of our difference:</p>"
+                 f"{table(['ordering', 'from', 'ours (pts)', 'noise (pts)', 'outcome'], p['comparisons'])}")
     setup = "".join(f"<li><b>{e(k)}</b>: {e(str(v))}</li>" for k, v in s["setup"])
     style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:48%}")
+             "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:48%}"
+             ".verdict{font-weight:bold;padding:.5em;background:#f6f6e8;border-left:4px solid #996}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(s['title'])}</title>"
             f"<style>{style}</style></head><body><h1>{e(s['title'])}</h1><p>{e(s['description'])}</p>"
-            f"<h2>Setup</h2><ul>{setup}</ul><h2>Results (mean ± std over seeds)</h2>"
+            f"<h2>Setup</h2><ul>{setup}</ul>{paper}<h2>Results (mean ± std over seeds)</h2>"
             f"{table(s['points_header'], s['points'])}<h2>Trials</h2>"
             f"<p>Run links open the MLflow UI started by <code>sslab ui</code>.</p>"
             f"{table(s['header'], s['rows'], link_last=True)}<h2>Curves</h2>{images}</body></html>")

@@ -109,7 +109,7 @@ def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
         tags = study_tags(trial.study, commit) | {"seed": trial.values[SEED_KEY],
                                                   "sslab.checkpoint": str(trial_dir / CHECKPOINT_NAME)}
         tracking = TrialTracking(uri, experiment_id, parent_run_id, trial.name, tags=tags,
-                                 params=flatten(trial.study.to_dict()))
+                                 params=trial_params(trial.study))
         configs[trial.name] = trial_config(trial.study, trial_dir, tracking)
 
     started = time.time()
@@ -127,6 +127,12 @@ def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
     print(f"study {study.name}: {status.lower()} in {time.time() - started:.0f} s", flush=True)
     return {"parent_run_id": parent_run_id, "experiment_id": experiment_id, "tracking_uri": uri,
             "trials": summary, "status": status}
+
+
+def trial_params(study: StudyConfig) -> dict:
+    """A trial's MLflow params: its resolved config flattened. The paper section stays with the
+    parent run (its point names, e.g. "temperature=0.1", are not valid MLflow param keys)."""
+    return flatten({k: v for k, v in study.to_dict().items() if k != "paper"})
 
 
 def study_tags(study: StudyConfig, commit: str) -> dict:
