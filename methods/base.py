@@ -33,6 +33,8 @@ class Method(nn.Module):
     Args: ClassVar[type]
     # Submodules trained by gradient: the platform wraps only these in DDP (EMA copies stay out).
     ddp_modules: ClassVar[tuple[str, ...]] = ("backbone",)
+    # Backbones the method works with (MAE: ViTs only); empty: any. Checked by `sslab validate`.
+    backbones: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, args, ctx: MethodContext):
         super().__init__()
@@ -63,7 +65,18 @@ class Method(nn.Module):
         """Method-specific evaluation (e.g. zero-shot accuracy), run beside the kNN monitor."""
         return {}
 
+    def artifacts(self, data) -> dict[str, torch.Tensor]:
+        """Images to look at after training (reconstructions, colourisations), logged to MLflow:
+        name -> uint8 [3, H, W]. Called in eval mode on the main rank."""
+        return {}
+
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """What evaluation sees: backbone features of un-augmented images (eval mode is set by the caller)."""
         return self.backbone(self.normalize(images))
+
+
+def image_grid(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of [n, 3, H, W] images in [0, 1] -> one uint8 [3, rows * H, n * W] picture (artifacts)."""
+    picture = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)
+    return (picture.clamp(0, 1) * 255).round().to(torch.uint8).cpu()

@@ -4,11 +4,21 @@ from __future__ import annotations
 from sslab.methods.base import Method
 from sslab.methods.byol import BYOL
 from sslab.methods.clip import CLIP
+from sslab.methods.colorization import Colorization
+from sslab.methods.context_encoder import ContextEncoder
 from sslab.methods.dino import DINO
+from sslab.methods.jigsaw import Jigsaw
+from sslab.methods.mae import MAE
 from sslab.methods.moco import MoCoV1, MoCoV2
+from sslab.methods.relative_patch import RelativePatch
+from sslab.methods.rotation import Rotation
 from sslab.methods.simclr import SimCLR
+from sslab.methods.split_brain import SplitBrain
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SimCLR, MoCoV1, MoCoV2, BYOL, DINO, CLIP)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
+    SimCLR, MoCoV1, MoCoV2, BYOL, DINO, CLIP,                       # contrastive, self-distillation
+    Rotation, Jigsaw, RelativePatch, ContextEncoder, Colorization, SplitBrain,   # pretext tasks
+    MAE)}                                                           # masked image modelling
 
 
 def get_method_class(name: str) -> type[Method]:

@@ -78,4 +78,8 @@ class Augment(nn.Module):
         self.recipe = recipe
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.normalize(self.ops(self.normalize.to_unit(images)))
+        return self.normalize(self.unit(images))
+
+    def unit(self, images: torch.Tensor) -> torch.Tensor:
+        """The augmented view in [0, 1] RGB, not normalised (for colour-space pretext tasks)."""
+        return self.ops(self.normalize.to_unit(images))

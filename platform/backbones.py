@@ -63,3 +63,14 @@ def _vit(cfg: BackboneConfig, image_size: int) -> tuple[nn.Module, int]:
     net = VisionTransformer(img_size=image_size, patch_size=cfg.patch_size, num_classes=0,
                             global_pool="token", dynamic_img_size=True, **size)   # any crop size (multi-crop)
     return net, net.num_features
+
+
+def spatial_features(backbone: nn.Module, x):
+    """The backbone's last feature map [N, C, h, w] before pooling, for dense pretext tasks
+    (colorization, split-brain): a ResNet's last stage, or a ViT's patch tokens as a grid."""
+    if hasattr(backbone, "forward_features"):      # timm ViT
+        tokens = backbone.forward_features(x)[:, backbone.num_prefix_tokens:]
+        n, length, c = tokens.shape
+        side = int(round(length ** 0.5))
+        return tokens.transpose(1, 2).reshape(n, c, side, length // side)
+    return backbone[:-2](x)                         # drop AdaptiveAvgPool2d and Flatten

@@ -313,6 +313,9 @@ def build_study(raw: dict, source: str = "<config>") -> StudyConfig:
         raise ConfigError(source, "method", str(err.args[0])) from None
     study.method_args = dataclasses.asdict(
         from_dict(method_cls.Args, study.method_args, source, prefix="method_args"))
+    if method_cls.backbones and study.backbone.name not in method_cls.backbones:
+        raise ConfigError(source, "backbone.name", f"{study.backbone.name!r}: method {study.method!r} "
+                                                   f"needs one of {', '.join(method_cls.backbones)}")
     _check_data(study.data, source)
     _check_sweep(raw, study, source)
     _check_train(study, source)

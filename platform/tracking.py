@@ -115,6 +115,10 @@ class Tracker:
     def log_dict(self, run_id: str, data: dict, artifact_file: str) -> None:
         self.client.log_text(run_id, json.dumps(data, indent=2, default=str), artifact_file)
 
+    def log_image(self, run_id: str, image, artifact_file: str) -> None:
+        """A uint8 [3, H, W] tensor as a PNG artifact."""
+        self.client.log_image(run_id, image.permute(1, 2, 0).cpu().numpy(), artifact_file=artifact_file)
+
     def set_tag(self, run_id: str, key: str, value) -> None:
         self.client.set_tag(run_id, key, str(value))
 

@@ -285,6 +285,11 @@ class TrialLogger:
         if self.tracker and data:
             self.tracker.log_dict(self.run_id, data, path)
 
+    def log_images(self, images: dict) -> None:
+        for name, image in images.items():
+            if self.tracker:
+                self.tracker.log_image(self.run_id, image, f"samples/{name}.png")
+
     def end(self, status: str) -> None:
         if self.tracker:
             self.tracker.end(self.run_id, status)
@@ -356,6 +361,8 @@ def train_loop(config: dict) -> dict:
                 final, subsets = protocol_eval(method, data, study, runtime, prefix="eval/")
                 metrics |= final | {"knn_top1": final["eval/knn_top1"], "knn_top5": final["eval/knn_top5"]}
                 logger.log_artifact_once(subsets, "eval/label_subsets.json")
+                with unwrapped(method), eval_mode(method):
+                    logger.log_images(method.artifacts(data))
             elif runtime.is_main and study.eval.knn_every and epoch % study.eval.knn_every == 0:
                 metrics.update(knn_eval(method, data, study, runtime))
             latest_knn.update({k: v for k, v in metrics.items() if k.startswith("knn_")})

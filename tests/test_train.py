@@ -56,6 +56,8 @@ def test_lars_scales_update_by_trust_ratio():
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_takes_two_steps(name, tiny_raw):
     tiny_raw["method"] = name
+    if METHODS[name].backbones:    # MAE: a ViT
+        tiny_raw["backbone"] = {"name": METHODS[name].backbones[0], "width": 0.34}
     study = build_study(tiny_raw)
     data = load_dataset(study.data)
     method = build_method(study, data, torch.device("cpu"), total_steps=2)
@@ -126,3 +128,15 @@ def test_batch_size_scales_the_learning_rate_by_the_rule(tiny_raw, rule, batch, 
     from sslab.platform.train import scaled_lr
     tiny_raw["train"].update(lr=0.3, lr_scaling=rule, batch_size=batch)
     assert scaled_lr(build_study(tiny_raw).train) == pytest.approx(expected)
+
+
+def test_sample_images_are_logged_at_the_end(tmp_path, tiny_raw, tracking_uri):
+    tiny_raw.update(method="context_encoder")
+    tiny_raw["train"]["epochs"] = 1
+    tracker = Tracker(tracking_uri)
+    experiment = tracker.experiment("samples-test", tmp_path / "artifacts")
+    parent = tracker.start_parent(experiment, "parent", {"sslab.role": "study"})
+    tracking = TrialTracking(tracking_uri, experiment, parent, "seed=0")
+    train_loop(trial_config(build_study(tiny_raw), tmp_path / "trial", tracking))
+    run_id = tracker.child_runs(experiment, parent)[0].info.run_id
+    assert "samples/inpainting.png" in [a.path for a in tracker.client.list_artifacts(run_id, "samples")]
