@@ -24,6 +24,10 @@ def cmd_validate(args) -> int:
     study, raw = load_study(args.study, args.set)
     from sslab.platform.study import expand_trials
 
+    if study.search.name == "optuna":
+        print(f"{args.study}: ok ({study.method}, Optuna: {study.search.num_samples} point(s) x "
+              f"{len(study.seeds)} seed(s) over {', '.join(study.sweep)})")
+        return 0
     trials = expand_trials(study, raw)
     print(f"{args.study}: ok ({study.method}, {len(trials)} trial(s): "
           f"{', '.join(t.name for t in trials)})")

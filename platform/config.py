@@ -113,12 +113,30 @@ class EvalConfig:
 @dataclass
 class SchedulerConfig:
     """Tune trial scheduler. ASHA stops weak trials at rungs grace_period * reduction_factor^k
-    (epochs). Early kNN accuracy predicts final rank poorly in SSL: keep the grace long."""
-    name: Literal["fifo", "asha"] = "fifo"
+    (epochs). Early kNN accuracy predicts final rank poorly in SSL: keep the grace long.
+    PBT (Jaderberg et al. 2017): every `perturbation_interval` epochs the bottom `quantile_fraction`
+    of the population copies a top trial's checkpoint and moves each key of `mutations` to a
+    neighbouring value of its list (or, with `resample_probability`, any value of it)."""
+    name: Literal["fifo", "asha", "pbt"] = "fifo"
     metric: str = "knn_top1"
     mode: Literal["max", "min"] = "max"
     grace_period: int = check(default=10, ge=1)
     reduction_factor: int = check(default=2, ge=2)
+    perturbation_interval: int = check(default=2, ge=1)          # epochs
+    mutations: dict = field(default_factory=dict)                 # dotted key -> list of values
+    quantile_fraction: float = check(default=0.25, gt=0, le=0.5)
+    resample_probability: float = check(default=0.25, ge=0, le=1)
+
+
+@dataclass
+class SearchConfig:
+    """How sweep points are chosen. grid: every combination of the sweep's lists. random and
+    optuna: `num_samples` points, each key drawn from its list or distribution ({uniform: [lo, hi]},
+    {loguniform: [lo, hi]}, {choice: [...]}); optuna (TPE) proposes each point from the results
+    so far, scored by the scheduler's metric averaged over the seeds."""
+    name: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = check(default=8, ge=1)
+    seed: int = 0
 
 
 @dataclass
@@ -151,6 +169,7 @@ class StudyConfig:
     # ({method: moco_v2, train.lr: 0.06}) crossed with the grid; every point runs once per seed
     sweep: dict = field(default_factory=dict)
     max_concurrent_trials: int = check(default=1, ge=1)
+    search: SearchConfig = field(default_factory=SearchConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     paper: PaperConfig = field(default_factory=PaperConfig)
 
@@ -339,12 +358,31 @@ def _check_data(data: DataConfig, source: str) -> None:
                           f"{root} does not exist (set data.download: true to fetch it)")
 
 
+DISTRIBUTIONS = ("uniform", "loguniform", "choice")
+
+
+def as_distribution(value: Any) -> tuple[str, list] | None:
+    """{uniform: [lo, hi]} -> ("uniform", [lo, hi]); a plain list (grid values) -> None."""
+    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in DISTRIBUTIONS:
+        return next(iter(value.items()))
+    return None
+
+
 def _check_sweep(raw: dict, study: StudyConfig, source: str) -> None:
-    """Every swept value, and every `points` entry, must itself give a valid study."""
+    """Every swept value, every `points` entry and both ends of every range must give a valid study."""
+    sampled = study.search.name != "grid"
     for dotted, values in study.sweep.items():
         key = f"sweep.{dotted}"
+        spec = as_distribution(values)
+        if spec is not None:
+            if not sampled:
+                raise ConfigError(source, key, f"a {spec[0]} range needs search.name: random or optuna")
+            _check_distribution(raw, dotted, spec, key, source)
+            continue
         if not isinstance(values, list) or not values:
-            raise ConfigError(source, key, "expected a non-empty list of values")
+            raise ConfigError(source, key, "expected a non-empty list of values, or {uniform|loguniform|choice: ...}")
+        if dotted == "points" and study.search.name == "optuna":
+            raise ConfigError(source, key, "search.name: optuna samples keys; `points` needs grid or random")
         for i, value in enumerate(values):
             if dotted == "points":
                 if not isinstance(value, dict) or not value:
@@ -352,11 +390,40 @@ def _check_sweep(raw: dict, study: StudyConfig, source: str) -> None:
                 _check_overrides(raw, value, f"{key}[{i}]", source)
             else:
                 _check_overrides(raw, {dotted: value}, key, source)
+    for dotted, values in study.scheduler.mutations.items():
+        key = f"scheduler.mutations.{dotted}"
+        if not isinstance(values, list) or len(values) < 2:
+            raise ConfigError(source, key, "expected a list of at least two values")
+        for value in values:
+            _check_overrides(raw, {dotted: value}, key, source)
+    if study.scheduler.name == "pbt" and study.search.name == "optuna":
+        raise ConfigError(source, "scheduler.name", "pbt needs search.name grid or random (a fixed population)")
+    if study.scheduler.name == "pbt" and not study.scheduler.mutations:
+        raise ConfigError(source, "scheduler.mutations", "pbt needs at least one key to mutate")
+    if study.scheduler.name == "pbt" and study.train.num_workers > 1:
+        raise ConfigError(source, "scheduler.name", "pbt runs single-worker trials (train.num_workers: 1)")
+
+
+def _check_distribution(raw: dict, dotted: str, spec: tuple[str, list], key: str, source: str) -> None:
+    kind, args = spec
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ConfigError(source, key, "choice needs a non-empty list")
+        for value in args:
+            _check_overrides(raw, {dotted: value}, key, source)
+        return
+    numeric = isinstance(args, list) and len(args) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in args)
+    if not numeric or not args[0] < args[1] or (kind == "loguniform" and args[0] <= 0):
+        raise ConfigError(source, key, f"{kind} needs [low, high] with low < high" + (" and low > 0" if kind == "loguniform" else ""))
+    for value in args:
+        _check_overrides(raw, {dotted: value}, key, source)
 
 
 def _check_overrides(raw: dict, overrides: dict, key: str, source: str) -> None:
     trial_raw = copy.deepcopy(raw)
     trial_raw.pop("sweep", None)
+    trial_raw.pop("scheduler", None)   # checked once for the study; here it would recurse
     for dotted, value in overrides.items():
         set_dotted(trial_raw, dotted, value)
     try:
@@ -380,9 +447,9 @@ def _check_paper(study: StudyConfig, source: str) -> None:
     as not run."""
     if not study.sweep:
         return   # a single trial: its sweep was already expanded
-    from sslab.platform.study import point_names   # late: the study module imports the loop
-
-    keys = {part.split("=", 1)[0] for name in point_names(study.sweep) for part in name.split(",")}
+    swept = [k for k in study.sweep if k != "points"]
+    swept += [k for point in study.sweep.get("points", []) for k in point]
+    keys = {k.rsplit(".", 1)[-1] for k in swept}   # trial names use each key's last part
     named = [("paper.results", str(k)) for k in study.paper.results]
     for i, text in enumerate(study.paper.expect):
         try:

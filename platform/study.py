@@ -10,11 +10,13 @@ import itertools
 import json
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sslab.platform.config import ConfigError, StudyConfig, build_study, flatten, set_dotted
+from sslab.platform.config import (ConfigError, SearchConfig, StudyConfig, as_distribution, build_study,
+                                   flatten, get_dotted, set_dotted)
 from sslab.platform.tracking import TRIAL_TAG, Tracker, TrialTracking, default_tracking_uri, git_commit
 from sslab.platform.train import CHECKPOINT_NAME, train_loop, trial_config
 
@@ -29,33 +31,61 @@ class Trial:
     study: StudyConfig    # resolved
 
 
-def sweep_points(sweep: dict) -> list[dict]:
-    """The sweep as a list of {dotted key: value}: the grid of every `key: [values]` entry,
-    crossed with the `points` entry (a list of override sets, e.g. per-method settings)."""
+def sweep_points(sweep: dict, search: SearchConfig | None = None) -> list[dict]:
+    """The sweep as a list of {dotted key: value}. grid: every `key: [values]` entry crossed with
+    each other and with the `points` entry (a list of override sets, e.g. per-method settings).
+    random: `num_samples` points drawn from each key's list or distribution (seeded)."""
+    if search is not None and search.name == "random":
+        return _random_points(sweep, search)
     grid_keys = [k for k in sweep if k != POINTS_KEY]
     points = sweep.get(POINTS_KEY) or [{}]
     return [dict(zip(grid_keys, values)) | point
             for point in points for values in itertools.product(*(sweep[k] for k in grid_keys))]
 
 
+def _random_points(sweep: dict, search: SearchConfig) -> list[dict]:
+    rng = random.Random(search.seed)
+    keys = [k for k in sweep if k != POINTS_KEY]
+    points = []
+    for _ in range(search.num_samples):
+        point = {k: draw(sweep[k], rng) for k in keys}
+        points.append(point | (rng.choice(sweep[POINTS_KEY]) if POINTS_KEY in sweep else {}))
+    return points
+
+
+def draw(spec, rng: random.Random):
+    """One value from a list or a {uniform|loguniform|choice: ...} spec; floats to 4 significant
+    digits, so that trial names stay readable and name the value that actually ran."""
+    distribution = as_distribution(spec)
+    if distribution is None:
+        return rng.choice(spec)
+    kind, args = distribution
+    if kind == "choice":
+        return rng.choice(args)
+    low, high = args
+    value = rng.uniform(low, high) if kind == "uniform" else math.exp(rng.uniform(math.log(low), math.log(high)))
+    return significant(value)
+
+
+def significant(value, digits: int = 4):
+    return float(f"{value:.{digits}g}") if isinstance(value, float) else value
+
+
 def expand_trials(study: StudyConfig, raw: dict) -> list[Trial]:
-    """Every sweep point times every seed, each a fully validated study."""
-    trials = []
-    for point in sweep_points(study.sweep):
-        for seed in study.seeds:
-            values = point | {SEED_KEY: seed}
-            trial_raw = copy.deepcopy(raw)
-            trial_raw.pop("sweep", None)
-            trial_raw["seeds"] = [seed]
-            for key, value in values.items():
-                set_dotted(trial_raw, key, value)
-            trials.append(Trial(trial_name(values), values, build_study(trial_raw, "<trial>")))
-    return trials
+    """Every sweep point times every seed, each a fully validated study (grid and random search;
+    Optuna proposes its points while the study runs)."""
+    return [make_trial(raw, point | {SEED_KEY: seed})
+            for point in sweep_points(study.sweep, study.search) for seed in study.seeds]
 
 
-def point_names(sweep: dict) -> list[str]:
-    """The sweep points as named in trials and reports ('temperature=0.1')."""
-    return [trial_name(point | {SEED_KEY: 0}).rsplit(",seed=", 1)[0] for point in sweep_points(sweep)]
+def make_trial(raw: dict, values: dict, name: str | None = None) -> Trial:
+    """The study with `values` (dotted key -> value, seed included) applied, validated."""
+    trial_raw = copy.deepcopy(raw)
+    trial_raw.pop("sweep", None)
+    trial_raw["seeds"] = [values[SEED_KEY]]
+    for key, value in values.items():
+        set_dotted(trial_raw, key, value)
+    return Trial(name or trial_name(values), values, build_study(trial_raw, "<trial>"))
 
 
 def trial_name(values: dict) -> str:
@@ -90,7 +120,9 @@ def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
               tracking_uri: str | None = None, ray_address: str | None = None,
               resume: bool = False, source: str = "<study>") -> dict:
     """Runs every trial of the study; returns {'parent_run_id', 'experiment_id', 'trials'}."""
-    trials = expand_trials(study, raw)   # validates every trial before anything is written
+    # Validates every trial before anything is written (Optuna's are proposed as it runs; its
+    # ranges were validated at both ends when the study was loaded).
+    trials = [] if study.search.name == "optuna" else expand_trials(study, raw)
     paths = StudyPaths(Path(workdir).resolve())
     if resume and not paths.latest_file(study.name).exists():
         raise ConfigError(source, "--resume", f"no earlier run of study {study.name!r} in {paths.workdir}")
@@ -100,21 +132,15 @@ def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
     experiment_id = tracker.experiment(study.name, paths.workdir / "mlartifacts")
     parent_run_id = _parent_run(tracker, experiment_id, study, source_text, paths, resume, source)
     invocation = paths.invocation_dir(study.name, parent_run_id)
-    print(f"study {study.name}: {len(trials)} trial(s); MLflow {uri} (parent run {parent_run_id})", flush=True)
+    count = len(trials) or study.search.num_samples * len(study.seeds)
+    print(f"study {study.name}: {count} trial(s); MLflow {uri} (parent run {parent_run_id})", flush=True)
 
-    commit = git_commit()
-    configs = {}
-    for trial in trials:
-        trial_dir = invocation / "trials" / trial.name
-        tags = study_tags(trial.study, commit) | {"seed": trial.values[SEED_KEY],
-                                                  "sslab.checkpoint": str(trial_dir / CHECKPOINT_NAME)}
-        tracking = TrialTracking(uri, experiment_id, parent_run_id, trial.name, tags=tags,
-                                 params=trial_params(trial.study))
-        configs[trial.name] = trial_config(trial.study, trial_dir, tracking)
+    factory = TrialFactory(raw, list(study.seeds), uri, experiment_id, parent_run_id, str(invocation), git_commit())
+    fixed = {trial.name: trial.values for trial in trials}
 
     started = time.time()
     try:
-        results = _run_tune(study, configs, invocation, ray_address, resume)
+        results = _run_tune(study, factory, fixed, invocation, ray_address, resume)
     except BaseException:
         tracker.end(parent_run_id, "FAILED")
         raise
@@ -127,6 +153,46 @@ def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
     print(f"study {study.name}: {status.lower()} in {time.time() - started:.0f} s", flush=True)
     return {"parent_run_id": parent_run_id, "experiment_id": experiment_id, "tracking_uri": uri,
             "trials": summary, "status": status}
+
+
+REPEAT_INDEX = "__trial_index__"   # set by Tune's Repeater: which repeat (seed) of a point this is
+
+
+@dataclass
+class TrialFactory:
+    """Builds a trial's train-loop config from its values, on the driver or inside a Tune trial
+    (Optuna proposes values only while the study runs). Plain data: Ray ships it to the trials."""
+    raw: dict
+    seeds: list
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+    invocation: str
+    commit: str
+
+    def config(self, values: dict, name: str | None = None) -> dict:
+        trial = make_trial(self.raw, values, name)
+        trial_dir = Path(self.invocation) / "trials" / trial.name
+        tags = study_tags(trial.study, self.commit) | {"seed": values[SEED_KEY],
+                                                       "sslab.checkpoint": str(trial_dir / CHECKPOINT_NAME)}
+        tracking = TrialTracking(self.uri, self.experiment_id, self.parent_run_id, trial.name, tags=tags,
+                                 params=trial_params(trial.study))
+        return trial_config(trial.study, trial_dir, tracking)
+
+    def from_tune(self, tune_config: dict, fixed: dict[str, dict], tune_name: str | None = None) -> dict:
+        """Tune's config -> the train-loop config. Grid and random search: {"trial": name}, plus
+        under PBT the mutated keys' current values (the trial keeps its name and MLflow run, and
+        logs those values per epoch as hp/<key>). Optuna: the sampled keys and the repeat index."""
+        if "trial" in tune_config:
+            # Under PBT a trial that copies another also copies its config, "trial" included:
+            # its own name is the Tune trial's, fixed when it was created (trial_name_creator).
+            name = tune_name if tune_name in fixed else tune_config["trial"]
+            mutated = {k: v for k, v in tune_config.items() if k != "trial"}
+            config = self.config(fixed[name] | mutated, name=name)
+            config["logged_keys"] = sorted(mutated)
+            return config
+        values = {k: significant(v) for k, v in tune_config.items() if k != REPEAT_INDEX}
+        return self.config(values | {SEED_KEY: self.seeds[tune_config.get(REPEAT_INDEX, 0)]})
 
 
 def trial_params(study: StudyConfig) -> dict:
@@ -229,12 +295,20 @@ def trial_resources(study: StudyConfig, cluster_cpus: float) -> tuple[dict, floa
     return {"CPU": 0.01}, cpus
 
 
-def _make_trainable(configs: dict, invocation: Path, workers: int, cpus_per_worker: float,
-                    gpus_per_worker: float, max_failures: int):
+def _make_trainable(factory: TrialFactory, fixed: dict, invocation: Path, study: StudyConfig,
+                    cpus_per_worker: float):
+    train = study.train
+    workers, max_failures = train.num_workers, train.max_failures
+    gpus_per_worker = train.gpus_per_worker if train.use_gpu else 0
+    tune_checkpoints = study.scheduler.name == "pbt"   # PBT moves checkpoints between trials
+
     def trainable(tune_config: dict) -> None:
-        config = dict(configs[tune_config["trial"]])
+        import ray.tune
+
+        config = factory.from_tune(tune_config, fixed, ray.tune.get_context().get_trial_name())
+        config["study"]["train"]["cpus_per_worker"] = cpus_per_worker   # also for one worker
         if workers == 1:
-            config["runtime"] = "tune"
+            config.update(runtime="tune", tune_checkpoints=tune_checkpoints)
             train_loop(config)
             return
         import ray.train
@@ -242,18 +316,50 @@ def _make_trainable(configs: dict, invocation: Path, workers: int, cpus_per_work
         from ray.tune.integration.ray_train import TuneReportCallback
 
         config["runtime"] = "train"
+        name = config["tracking"]["trial_name"]
         trainer = TorchTrainer(
             train_loop, train_loop_config=config,
             scaling_config=ray.train.ScalingConfig(
                 num_workers=workers, use_gpu=gpus_per_worker > 0,
                 resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpus_per_worker else {})),
             # A stable name: a restarted trial finds the same run again.
-            run_config=ray.train.RunConfig(name=f"train-{tune_config['trial']}",
-                                           storage_path=str(invocation / "ray"),
+            run_config=ray.train.RunConfig(name=f"train-{name}", storage_path=str(invocation / "ray"),
                                            failure_config=ray.train.FailureConfig(max_failures=max_failures),
                                            callbacks=[TuneReportCallback()]))
         trainer.fit()
     return trainable
+
+
+def _search(study: StudyConfig, fixed: dict[str, dict]):
+    """(param_space, search_alg, num_samples) for Tune."""
+    from ray import tune
+
+    if study.search.name == "optuna":
+        from ray.tune.search import Repeater
+        from ray.tune.search.optuna import OptunaSearch
+
+        space = {k: _tune_domain(spec) for k, spec in study.sweep.items()}
+        optuna = OptunaSearch(metric=study.scheduler.metric, mode=study.scheduler.mode, seed=study.search.seed)
+        # Each proposed point runs once per seed; Optuna learns from the mean over the seeds.
+        searcher = Repeater(optuna, repeat=len(study.seeds), set_index=True)
+        return space, searcher, study.search.num_samples * len(study.seeds)
+    space = {"trial": tune.grid_search(list(fixed))}
+    base = study.to_dict()
+    for key in study.scheduler.mutations if study.scheduler.name == "pbt" else ():
+        initial = {name: values.get(key, get_dotted(base, key)) for name, values in fixed.items()}
+        space[key] = tune.sample_from(lambda spec, initial=initial: initial[spec.config["trial"]])
+    return space, None, 1
+
+
+def _tune_domain(spec):
+    from ray import tune
+
+    distribution = as_distribution(spec)
+    if distribution is None:
+        return tune.choice(spec)
+    kind, args = distribution
+    return {"choice": lambda: tune.choice(args), "uniform": lambda: tune.uniform(*args),
+            "loguniform": lambda: tune.loguniform(*args)}[kind]()
 
 
 def _scheduler(study: StudyConfig):
@@ -263,40 +369,51 @@ def _scheduler(study: StudyConfig):
     if s.name == "fifo":
         return FIFOScheduler()
     # time_attr "epoch": Tune's own training_iteration restarts after a restore.
+    if s.name == "pbt":
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        # synch: the whole population reaches each perturbation point before anyone copies, so
+        # an exploited trial resumes at the epoch it had reached (its MLflow curve stays whole).
+        return PopulationBasedTraining(
+            time_attr="pbt_epoch", metric=s.metric, mode=s.mode, perturbation_interval=s.perturbation_interval,
+            hyperparam_mutations={k: list(v) for k, v in s.mutations.items()},
+            quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability, synch=True)
     return ASHAScheduler(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=study.train.epochs,
                          grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
 
-def _run_tune(study: StudyConfig, configs: dict, invocation: Path, ray_address: str | None,
-              resume: bool) -> dict[str, str]:
+def _run_tune(study: StudyConfig, factory: TrialFactory, fixed: dict, invocation: Path,
+              ray_address: str | None, resume: bool) -> dict[str, str]:
     """Runs (or resumes) the Tune experiment; returns {trial name: final Tune status}."""
     import ray
     from ray import tune
 
     init_ray(ray_address)
     resources, cpus_per_worker = trial_resources(study, ray.cluster_resources().get("CPU", 1))
-    for config in configs.values():   # what each worker gets, also for a single-worker trial
-        config["study"]["train"]["cpus_per_worker"] = cpus_per_worker
-    trainable = tune.with_resources(
-        _make_trainable(configs, invocation, study.train.num_workers, cpus_per_worker,
-                        study.train.gpus_per_worker if study.train.use_gpu else 0,
-                        study.train.max_failures), resources)
+    trainable = tune.with_resources(_make_trainable(factory, fixed, invocation, study, cpus_per_worker), resources)
     storage = invocation / "ray"
     if resume and tune.Tuner.can_restore(str(storage / "tune")):
         tuner = tune.Tuner.restore(str(storage / "tune"), trainable, resume_errored=True,
                                    restart_errored=False, resume_unfinished=True)
     else:
+        space, search_alg, num_samples = _search(study, fixed)
         tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search(list(configs))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent_trials,
-                                        reuse_actors=False, scheduler=_scheduler(study)),
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent_trials, reuse_actors=False,
+                                        scheduler=_scheduler(study), search_alg=search_alg,
+                                        num_samples=num_samples, trial_name_creator=_tune_trial_name),
             run_config=tune.RunConfig(name="tune", storage_path=str(storage),
                                       failure_config=tune.FailureConfig(max_failures=0),
-                                      verbose=1))
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1))
     grid = tuner.fit()
     statuses = {}
     for result in grid:
-        name = result.config["trial"]
+        # the name the trial itself reported (PBT may have replaced its config by another's)
+        name = (result.metrics or {}).get("sslab_trial") or factory.from_tune(result.config, fixed)["tracking"]["trial_name"]
         statuses[name] = "ERROR" if result.error else "TERMINATED"
     return statuses
+
+
+def _tune_trial_name(trial) -> str:
+    """Tune's name of a trial: ours for grid and random search (Optuna's trials keep Tune's)."""
+    return trial.config.get("trial") or f"{trial.trainable_name}_{trial.trial_id}"

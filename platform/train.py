@@ -25,7 +25,7 @@ from sslab.methods.base import Method, MethodContext
 from sslab.methods.registry import get_method_class
 from sslab.platform.augment import Augment, Normalize, channel_stats
 from sslab.platform.backbones import build_backbone
-from sslab.platform.config import StudyConfig, TrainConfig, build_study
+from sslab.platform.config import StudyConfig, TrainConfig, build_study, get_dotted
 from sslab.platform.data import Dataset, atomic_torch_save, load_dataset
 from sslab.platform.evaluate import eval_mode, run_protocols
 from sslab.platform.tracking import TrialTracking
@@ -53,10 +53,11 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def report(self, metrics: dict) -> None:
+    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         if self.kind == "tune":
             import ray.tune
-            ray.tune.report(metrics)
+            checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+            ray.tune.report(metrics, checkpoint=checkpoint)
         elif self.kind == "train":
             import ray.train
             ray.train.report(metrics)   # a barrier: every rank calls it
@@ -326,6 +327,9 @@ def train_loop(config: dict) -> dict:
     method = build_method(study, data, runtime.device, total_steps, runtime.world_size)
     optimizer = build_optimizer(method, train)
     checkpoint = Path(config["trial_dir"]) / CHECKPOINT_NAME
+    tune_checkpoints = runtime.kind == "tune" and config.get("tune_checkpoints", False)
+    if tune_checkpoints:
+        adopt_tune_checkpoint(checkpoint)
     start_epoch, step = 0, 0
     if checkpoint.exists():
         start_epoch, step = load_checkpoint(checkpoint, method, optimizer, runtime.device)
@@ -366,18 +370,44 @@ def train_loop(config: dict) -> dict:
             elif runtime.is_main and study.eval.knn_every and epoch % study.eval.knn_every == 0:
                 metrics.update(knn_eval(method, data, study, runtime))
             latest_knn.update({k: v for k, v in metrics.items() if k.startswith("knn_")})
+            metrics |= {f"hp/{k}": float(get_dotted(config["study"], k)) for k in config.get("logged_keys", [])}
             # Log before the checkpoint: a crash in between re-runs this epoch, whose metrics
             # are then skipped as already logged (never lost, never twice).
             logger.log(metrics, epoch)
-            if runtime.is_main and (is_last or epoch % train.checkpoint_every == 0):
+            saved = runtime.is_main and (is_last or epoch % train.checkpoint_every == 0)
+            if saved:
                 save_checkpoint(checkpoint, method, optimizer, epoch, step)
             say(runtime, name, "epoch " + _format(metrics))
-            runtime.report(latest_knn | metrics)
+            # PBT's clock: the last epoch reports just under its number, so that the population is
+            # never perturbed after it (a copied finished trial would have nothing left to train).
+            pbt_clock = {"pbt_epoch": epoch - 0.5 if is_last else epoch} if tune_checkpoints else {}
+            identity = {"sslab_trial": name} if runtime.kind == "tune" else {}   # Tune results -> our trials
+            runtime.report(latest_knn | metrics | pbt_clock | identity,
+                           checkpoint.parent if saved and tune_checkpoints else None)
     except BaseException:
         logger.end("FAILED")
         raise
     logger.end("FINISHED")
     return metrics
+
+
+def adopt_tune_checkpoint(path: Path) -> None:
+    """The checkpoint Tune hands this trial (after a restore, or under PBT another trial's that it
+    now continues) replaces the trial's own."""
+    import shutil
+
+    import ray.tune
+
+    given = ray.tune.get_checkpoint()
+    if given is None:
+        return
+    with given.as_directory() as folder:
+        source = Path(folder) / CHECKPOINT_NAME
+        if source.exists() and source.resolve() != path.resolve():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".adopting")
+            shutil.copyfile(source, partial)
+            partial.replace(path)   # atomic: a crash leaves the old checkpoint or the new one
 
 
 def train_step(method: Method, optimizer, images: torch.Tensor, step: int, index: torch.Tensor,

@@ -1,8 +1,9 @@
 """A paper's claim against our runs: the orderings it implies, each checked against seed spread.
 
 An ordering "A > B" agrees when our mean of A beats B's by more than twice the standard error
-of the difference (std over seeds / sqrt(seeds), combined), contradicts when it loses by that
-much, and is within noise otherwise. The verdict: reproduced when every ordering agrees, not
+of the difference, contradicts when it loses by that much, and is within noise otherwise. The
+seed-to-seed std is pooled over all sweep points (two seeds alone give a poor estimate of one
+point's spread; the points share their sources of noise). The verdict: reproduced when every ordering agrees, not
 reproduced when any contradicts, inconclusive otherwise (or with a single seed: no spread).
 """
 from __future__ import annotations
@@ -40,18 +41,27 @@ def expectations(paper: dict) -> list[Comparison]:
     return unique
 
 
-def judge(comparison: Comparison, stats: dict[str, tuple[float, float, int]]) -> Comparison:
-    """Fills in our difference and outcome; `stats` maps point -> (mean, std, seeds) in [0, 1]."""
+def pooled_std(stats: dict[str, tuple[float, float, int]]) -> float:
+    """sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1)) over the points with two seeds or more."""
+    pairs = [(n - 1, std ** 2) for _, std, n in stats.values() if n >= 2 and not math.isnan(std)]
+    dof = sum(d for d, _ in pairs)
+    return math.sqrt(sum(d * v for d, v in pairs) / dof) if dof else math.nan
+
+
+def judge(comparison: Comparison, stats: dict[str, tuple[float, float, int]], spread: float | None = None) -> Comparison:
+    """Fills in our difference and outcome; `stats` maps point -> (mean, std, seeds) in [0, 1];
+    `spread`: the seed std to use (default: pooled over `stats`)."""
     if comparison.better not in stats or comparison.worse not in stats:
         return comparison
-    (mean_a, std_a, n_a), (mean_b, std_b, n_b) = stats[comparison.better], stats[comparison.worse]
+    (mean_a, _, n_a), (mean_b, _, n_b) = stats[comparison.better], stats[comparison.worse]
     if any(math.isnan(v) for v in (mean_a, mean_b)):
         return comparison
     comparison.ours = (mean_a - mean_b) * 100
     if n_a < 2 or n_b < 2:
         comparison.outcome = "no spread"
         return comparison
-    comparison.noise = 2 * math.sqrt(std_a ** 2 / n_a + std_b ** 2 / n_b) * 100
+    spread = pooled_std(stats) if spread is None else spread
+    comparison.noise = 2 * spread * math.sqrt(1 / n_a + 1 / n_b) * 100
     if comparison.ours > comparison.noise:
         comparison.outcome = "agrees"
     elif comparison.ours < -comparison.noise:

@@ -1,5 +1,8 @@
 """Real Ray runs (slow: one local cluster for all): parallel trials logging to one sqlite store,
 and a 2-worker DDP trial through Ray Train's TorchTrainer."""
+import json
+import re
+
 import pytest
 
 from sslab.platform.config import build_study
@@ -44,7 +47,7 @@ def test_parallel_seed_trials_each_get_a_finished_child_run(ray_cluster, tmp_pat
     out = build_report("tiny", result["tracking_uri"], tmp_path / "reports" / "tiny")
     text = (out / "report.md").read_text()
     assert "temperature=0.2" in text and "±" in text
-    assert (out / "report.html").read_text().count("data:image/png;base64") == 2
+    assert (out / "report.html").read_text().count("data:image/png;base64") == 3   # sweep, loss, kNN
 
 
 # SimCLR and CLIP gather across ranks with gradients, MoCo gathers keys and shuffles BN across
@@ -141,3 +144,57 @@ def test_killed_driver_resumes_only_unfinished_trials(tmp_path, tiny_raw):
     # the trial that had finished before the kill was not run again
     first = next(r for r in runs if r.info.run_id == finished[0].info.run_id)
     assert first.info.end_time == finished[0].info.end_time
+
+
+def test_optuna_proposes_points_and_each_runs_once_per_seed(ray_cluster, tmp_path, tiny_raw):
+    tiny_raw.update(seeds=[0, 1], max_concurrent_trials=2)
+    tiny_raw["train"]["epochs"] = 1
+    tiny_raw["search"] = {"name": "optuna", "num_samples": 2, "seed": 3}
+    tiny_raw["sweep"] = {"method_args.temperature": {"loguniform": [0.05, 1.0]}}
+    result = _run(tmp_path, tiny_raw)
+    assert result["status"] == "FINISHED"
+    _, runs = _children(result)
+    by_point: dict = {}
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        temperature = float(run.data.params["method_args.temperature"])
+        assert 0.05 <= temperature <= 1.0
+        assert run.data.tags["sslab.trial"] == f"temperature={temperature},seed={run.data.tags['seed']}"
+        by_point.setdefault(temperature, set()).add(run.data.tags["seed"])
+    assert len(by_point) == 2 and all(seeds == {"0", "1"} for seeds in by_point.values())
+
+
+def test_pbt_copies_the_better_trial_and_mutates_its_temperature(ray_cluster, tmp_path, tiny_raw):
+    tiny_raw.update(max_concurrent_trials=2)
+    tiny_raw["train"]["epochs"] = 4
+    tiny_raw["eval"] = {"knn_k": 20, "knn_every": 1, "protocols": ["knn"]}
+    tiny_raw["sweep"] = {"method_args.temperature": [0.2, 0.5]}
+    # metric: loss (continuous, no ties: one trial always ranks below the other at epoch 2)
+    tiny_raw["scheduler"] = {"name": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
+                             "metric": "loss", "mode": "min",
+                             "resample_probability": 0.0,
+                             "mutations": {"method_args.temperature": [0.1, 0.2, 0.5, 1.0]}}
+    result = _run(tmp_path, tiny_raw)
+    assert result["status"] == "FINISHED"
+    tracker, runs = _children(result)
+    assert len(runs) == 2
+    key = "hp/method_args.temperature"
+    schedules = {}
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        loss = tracker.client.get_metric_history(run.info.run_id, "loss")
+        assert sorted(m.step for m in loss) == [1, 2, 3, 4]          # each epoch once, across the copy
+        history = sorted((m.step, m.value) for m in tracker.client.get_metric_history(run.info.run_id, key))
+        assert [step for step, _ in history] == [1, 2, 3, 4]
+        schedules[run.data.tags["sslab.trial"]] = [value for _, value in history]
+    # Tune's own record of each exploit: [trial, donor, ..., old config, new config]. The trial
+    # that copied the better one's checkpoint at epoch 2 logs the new temperature from epoch 3.
+    [log] = (tmp_path / "runs").rglob("pbt_global.txt")
+    exploits = [json.loads(line) for line in log.read_text().splitlines()]
+    assert exploits, "the worse half never copied the better one"
+    target, donor, *_, new_config = exploits[0]
+    [name] = [n for n in schedules if re.sub(r"[^\w]", "_", n) in target]
+    [donor_name] = [n for n in schedules if re.sub(r"[^\w]", "_", n) in donor]
+    assert name != donor_name
+    assert schedules[name][2] == new_config["method_args.temperature"]
+    assert schedules[name][:2] == [float(name.split("=")[1].split(",")[0])] * 2

@@ -1,7 +1,9 @@
 """Paper claims against our runs: the orderings a claim implies and the verdict on them."""
 import math
 
-from sslab.platform.verdict import Comparison, expectations, judge, verdict
+import pytest
+
+from sslab.platform.verdict import Comparison, expectations, judge, pooled_std, verdict
 
 PAPER = {"results": {"t=0.05": 59.7, "t=0.1": 64.4, "t=0.5": 60.7, "t=1.0": 58.0}, "tie": 1.0,
          "expect": ["t=0.1 > t=2.0"]}
@@ -18,7 +20,7 @@ def test_orderings_come_from_the_claim_and_from_the_papers_numbers_beyond_the_ti
 
 
 def test_judge_uses_twice_the_standard_error_of_the_difference():
-    # means 0.60 vs 0.55 over 2 seeds with std 0.01 each: se = sqrt(1e-4/2 * 2) = 0.01 -> noise 2 pts
+    # means 0.60 vs 0.55 over 2 seeds, pooled std 0.01: se = 0.01 * sqrt(1/2 + 1/2) -> noise 2 pts
     stats = {"a": (0.60, 0.01, 2), "b": (0.55, 0.01, 2), "c": (0.59, 0.01, 2), "d": (0.5, math.nan, 1)}
     agrees = judge(Comparison("a", "b", "claim"), stats)
     assert agrees.outcome == "agrees" and math.isclose(agrees.ours, 5.0) and math.isclose(agrees.noise, 2.0)
@@ -26,6 +28,13 @@ def test_judge_uses_twice_the_standard_error_of_the_difference():
     assert judge(Comparison("a", "c", "claim"), stats).outcome == "within noise"
     assert judge(Comparison("a", "d", "claim"), stats).outcome == "no spread"
     assert judge(Comparison("a", "zzz", "claim"), stats).outcome == "not run"
+
+
+def test_the_seed_spread_is_pooled_over_points():
+    # one point's two seeds agreeing by chance must not make every difference look significant
+    stats = {"a": (0.60, 0.0, 2), "b": (0.59, 0.0, 2), "c": (0.50, 0.03, 2), "d": (0.52, 0.04, 3)}
+    assert pooled_std(stats) == pytest.approx(math.sqrt((0.03 ** 2 + 2 * 0.04 ** 2) / 5))
+    assert judge(Comparison("a", "b", "claim"), stats).outcome == "within noise"
 
 
 def test_verdict_is_reproduced_only_when_every_ordering_agrees():
