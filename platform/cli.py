@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -39,9 +40,10 @@ def cmd_run(args) -> int:
     from sslab.platform.report import build_report
     from sslab.platform.study import run_study
 
+    command = "sslab " + shlex.join(sys.argv[1:])   # recorded with the study: reports show it
     result = run_study(study, raw, Path(args.study).read_text(), _workdir(args),
                        tracking_uri=args.tracking_uri, ray_address=args.ray_address,
-                       resume=args.resume, source=args.study)
+                       resume=args.resume, source=args.study, command=command)
     if not args.no_report:
         out = build_report(study.name, result["tracking_uri"], Path(args.reports) / study.name,
                            parent_run_id=result["parent_run_id"])

@@ -195,13 +195,15 @@ def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str) -
     data, backbone, train = config.get("data", {}), config.get("backbone", {}), config.get("train", {})
     setup = [
         ("method", f"{config.get('method', '?')} {json.dumps(config.get('method_args', {}))}"),
-        ("data", f"{data.get('name')} (subset {data.get('subset') or 'all'}, root {data.get('root') or 'embedded'})"),
+        ("data", f"{data.get('name')} ({data.get('subset') or 'all'} train / {data.get('test_subset') or 'all'} test "
+                 f"images, root {data.get('root') or 'embedded'})"),
         ("backbone", f"{backbone.get('name')} width {backbone.get('width')} cifar_stem {backbone.get('cifar_stem')}"),
         ("training", f"{train.get('epochs')} epochs, batch {train.get('batch_size')}, {train.get('optimizer')} "
                      f"lr {train.get('lr')}, {train.get('num_workers')} worker(s)"),
         ("seeds", ", ".join(str(s) for s in config.get("seeds", []))),
         ("sweep", json.dumps(config.get("sweep", {})) or "none"),
         ("git commit", parent.data.tags.get("git_commit", "unknown")),
+        ("command", parent.data.tags.get("sslab.command", "not recorded")),
         ("MLflow", f"experiment {experiment_id}, parent run {parent.info.run_id} ({parent.info.status})"),
     ]
     shown = headlines(trials) if not trials.empty else []
@@ -272,7 +274,7 @@ def _markdown(s: dict, plots: dict) -> str:
     lines = [f"# {s['title']}", ""]
     if s["description"]:
         lines += [s["description"].strip(), ""]
-    lines += ["## Setup", ""] + [f"- **{k}**: {v}" for k, v in s["setup"]] + [""]
+    lines += ["## Setup", ""] + [f"- **{k}**: " + (f"`{v}`" if k == "command" else str(v)) for k, v in s["setup"]] + [""]
     if s["paper"]:
         lines += _md_paper(s["paper"], plots)
     lines += ["## Results (mean ± std over seeds)", ""]
@@ -314,8 +316,10 @@ def _html(s: dict, plots: dict) -> str:
             body += "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
-    def image(name):
-        return f'<img alt="{e(name)}" src="data:image/png;base64,{plots[name]}">' if plots.get(name) else ""
+    def image(name, wide=False):
+        if not plots.get(name):
+            return ""
+        return f'<img{" class=wide" if wide else ""} alt="{e(name)}" src="data:image/png;base64,{plots[name]}">'
 
     images = "".join(image(n) for n in plots if not (n == "sweep.png" and s["paper"]))
     paper = ""
@@ -324,13 +328,14 @@ def _html(s: dict, plots: dict) -> str:
         paper = (f"<h2>The paper's claim</h2><p><b>{e(p['reference'])}</b>: {e(p['claim'])}</p>"
                  f"<p class='verdict'>Verdict: {e(p['verdict'])}.</p>"
                  f"<p>Compared on our <code>{e(p['metric'])}</code> (mean ± std over seeds, %):</p>"
-                 f"{table(['point', 'paper', 'ours'], p['numbers'])}{image('sweep.png')}"
+                 f"{table(['point', 'paper', 'ours'], p['numbers'])}{image('sweep.png', wide=True)}"
                  f"<p>Each ordering the claim implies, against twice the standard error of our difference:</p>"
                  f"{table(['ordering', 'from', 'ours (pts)', 'noise (pts)', 'outcome'], p['comparisons'])}")
-    setup = "".join(f"<li><b>{e(k)}</b>: {e(str(v))}</li>" for k, v in s["setup"])
+    setup = "".join(f"<li><b>{e(k)}</b>: " + (f"<code>{e(str(v))}</code>" if k == "command" else e(str(v))) + "</li>"
+                    for k, v in s["setup"])
     style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:48%}"
+             "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:48%}img.wide{max-width:75%}"
              ".verdict{font-weight:bold;padding:.5em;background:#f6f6e8;border-left:4px solid #996}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(s['title'])}</title>"
             f"<style>{style}</style></head><body><h1>{e(s['title'])}</h1><p>{e(s['description'])}</p>"

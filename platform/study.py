@@ -118,8 +118,9 @@ class StudyPaths:
 
 def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
               tracking_uri: str | None = None, ray_address: str | None = None,
-              resume: bool = False, source: str = "<study>") -> dict:
-    """Runs every trial of the study; returns {'parent_run_id', 'experiment_id', 'trials'}."""
+              resume: bool = False, source: str = "<study>", command: str = "") -> dict:
+    """Runs every trial of the study; returns {'parent_run_id', 'experiment_id', 'trials'}.
+    `command`: the command line that ran it, kept as the parent run's `sslab.command` tag."""
     # Validates every trial before anything is written (Optuna's are proposed as it runs; its
     # ranges were validated at both ends when the study was loaded).
     trials = [] if study.search.name == "optuna" else expand_trials(study, raw)
@@ -131,6 +132,8 @@ def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
     tracker = Tracker(uri)   # creates the sqlite store here, before any trial starts
     experiment_id = tracker.experiment(study.name, paths.workdir / "mlartifacts")
     parent_run_id = _parent_run(tracker, experiment_id, study, source_text, paths, resume, source)
+    if command and not resume:
+        tracker.set_tag(parent_run_id, "sslab.command", command)
     invocation = paths.invocation_dir(study.name, parent_run_id)
     count = len(trials) or study.search.num_samples * len(study.seeds)
     print(f"study {study.name}: {count} trial(s); MLflow {uri} (parent run {parent_run_id})", flush=True)

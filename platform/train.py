@@ -385,7 +385,10 @@ def train_loop(config: dict) -> dict:
             runtime.report(latest_knn | metrics | pbt_clock | identity,
                            checkpoint.parent if saved and tune_checkpoints else None)
     except BaseException:
-        logger.end("FAILED")
+        # Under Ray the driver knows how the trial ended (stopped early by a scheduler: KILLED;
+        # crashed: FAILED) and closes the run; a status set here could land after its own.
+        if runtime.kind == "local":
+            logger.end("FAILED")
         raise
     logger.end("FINISHED")
     return metrics

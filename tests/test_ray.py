@@ -16,7 +16,7 @@ pytestmark = pytest.mark.ray
 def _run(tmp_path, raw):
     study = build_study(raw)
     return run_study(study, raw, "# test\n", tmp_path / "runs",
-                     tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+                     tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", command="sslab run tiny.yaml")
 
 
 def _children(result):
@@ -46,7 +46,7 @@ def test_parallel_seed_trials_each_get_a_finished_child_run(ray_cluster, tmp_pat
     assert parent.info.status == "FINISHED"
     out = build_report("tiny", result["tracking_uri"], tmp_path / "reports" / "tiny")
     text = (out / "report.md").read_text()
-    assert "temperature=0.2" in text and "±" in text
+    assert "temperature=0.2" in text and "±" in text and "`sslab run tiny.yaml`" in text
     assert (out / "report.html").read_text().count("data:image/png;base64") == 3   # sweep, loss, kNN
 
 
