@@ -81,7 +81,8 @@ def test_tiles_are_image_crops_jittered_inside_their_cells_with_a_gap():
     r, c = rows[n, k].item(), cols[n, k].item()
     assert torch.equal(tiles[n, k], images[n, :, r:r + 6, c:c + 6])
     grid_r, grid_c = torch.arange(9) // 3, torch.arange(9) % 3
-    assert ((rows - grid_r * 10) >= 0).all() and ((rows - grid_r * 10) <= 2).all()
+    assert ((rows - grid_r * 10) >= 0).all() and ((rows - grid_r * 10) <= 2).all()   # jitter <= 10 - 6 - 2
+    assert ((cols - grid_c * 10) >= 0).all() and ((cols - grid_c * 10) <= 2).all()
     # horizontally adjacent tiles: the right one starts >= min_gap after the left one ends
     left, right = [i for i in range(9) if i % 3 < 2], [i for i in range(9) if i % 3 > 0]
     assert (cols[:, right] - (cols[:, left] + 6) >= 2).all()
