@@ -106,7 +106,7 @@ def _sort_key(value: str):
         return (1, 0.0, value)
 
 
-def _plot_sweep(trials: pd.DataFrame, metric: str, paper_results: dict) -> str | None:
+def _plot_sweep(trials: pd.DataFrame, metric: str, paper_results: dict, sweep: dict | None = None) -> str | None:
     """`metric` against the first swept key (mean ± std over seeds), one line per value of the
     other keys; the paper's numbers, where given, as open markers on a second axis."""
     import matplotlib
@@ -121,7 +121,15 @@ def _plot_sweep(trials: pd.DataFrame, metric: str, paper_results: dict) -> str |
     keys = list(next(iter(parsed.values())).keys()) if parsed else []
     if not keys:
         return None
-    x_key, x_values = keys[0], sorted({v[keys[0]] for v in parsed.values()}, key=_sort_key)
+    base = metric.replace("eval/", "random_init_") if metric.startswith("eval/") else "random_init_" + metric
+    baseline = trials[base].mean() * 100 if base in trials else None
+    if len({tuple(v) for v in parsed.values()}) > 1:   # `points` with their own keys: one bar each
+        return _plot_bars(stats, metric, baseline)
+    x_key = keys[0]
+    listed = next((v for k, v in (sweep or {}).items() if k.rsplit(".", 1)[-1] == x_key and isinstance(v, list)), [])
+    order = [str(v) for v in listed]   # the study's own order (none, linear, mlp), else sorted
+    x_values = sorted({v[x_key] for v in parsed.values()},
+                      key=lambda v: (order.index(v), 0.0, "") if v in order else (len(order),) + _sort_key(v)[1:])
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     groups: dict[str, list] = {}
     for point, values in parsed.items():
@@ -133,9 +141,8 @@ def _plot_sweep(trials: pd.DataFrame, metric: str, paper_results: dict) -> str |
         ax.errorbar(xs, [stats.loc[p, "mean"] * 100 for _, p in members],
                     yerr=[(stats.loc[p, "std"] if pd.notna(stats.loc[p, "std"]) else 0) * 100 for _, p in members],
                     marker="o", capsize=3, label=rest or "ours")
-    base = metric.replace("eval/", "random_init_") if metric.startswith("eval/") else "random_init_" + metric
-    if base in trials:
-        ax.axhline(trials[base].mean() * 100, color="grey", ls=":", label="random init")
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", ls=":", label="random init")
     ax.set_xticks(range(len(x_values)), x_values)
     ax.set_xlabel(x_key)
     ax.set_ylabel(f"ours: {metric} (%)")
@@ -147,6 +154,24 @@ def _plot_sweep(trials: pd.DataFrame, metric: str, paper_results: dict) -> str |
         twin.set_ylabel("paper (%)")
         twin.legend(fontsize=7, loc="lower right")
     ax.legend(fontsize=7, loc="lower left")
+    return _png(fig)
+
+
+def _plot_bars(stats: pd.DataFrame, metric: str, baseline: float | None) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [p if len(p) <= 48 else p[:45] + "..." for p in stats.index]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(stats) + 1.2), dpi=110)
+    ax.barh(range(len(stats)), stats["mean"] * 100, xerr=stats["std"].fillna(0) * 100, color="tab:blue", alpha=0.8)
+    ax.set_yticks(range(len(stats)), labels, fontsize=7)
+    ax.invert_yaxis()
+    if baseline is not None:
+        ax.axvline(baseline, color="grey", ls=":", label="random init (mean)")
+        ax.legend(fontsize=7)
+    ax.set_xlabel(f"ours: {metric} (%)")
+    ax.grid(alpha=0.3, axis="x")
     return _png(fig)
 
 
@@ -168,7 +193,7 @@ def build_report(study: str, tracking_uri: str, out_dir: Path, parent_run_id: st
     config = _parent_config(tracker, parent.info.run_id)
     paper = config.get("paper") or {}
     metric = paper.get("metric") or "knn_top1"
-    plots = {"sweep.png": _plot_sweep(trials, metric, paper.get("results", {})),
+    plots = {"sweep.png": _plot_sweep(trials, metric, paper.get("results", {}), config.get("sweep")),
              "loss.png": _plot_curves(curves, "loss", "training loss"),
              "knn_top1.png": _plot_curves(curves, "knn_top1", "kNN top-1 (epoch 0 = random init)")}
     for name, png in plots.items():

@@ -58,3 +58,18 @@ def test_the_paper_section_stays_out_of_trial_params():
     params = trial_params(expand_trials(study, raw)[0].study)
     assert params["method_args.temperature"] == 0.05
     assert all(re.fullmatch(r"[\w\-. :/]+", key) for key in params), "MLflow rejects such keys"
+
+
+def test_sweep_plot_handles_grids_and_points_with_their_own_keys():
+    import pandas as pd
+
+    from sslab.platform.report import _plot_sweep
+
+    grid = pd.DataFrame({"trial": ["projection=mlp,eval_on=h,seed=0", "projection=none,eval_on=h,seed=0",
+                                   "projection=mlp,eval_on=z,seed=0"],
+                         "eval/linear_top1": [0.4, 0.3, 0.35], "random_init_linear_top1": [0.2, 0.2, 0.2]})
+    assert _plot_sweep(grid, "eval/linear_top1", {}, {"method_args.projection": ["none", "mlp"]})
+    points = pd.DataFrame({"trial": ["method=simclr,seed=0", "method=byol,lr=0.3,tau_base=0.9,seed=0"],
+                           "knn_top1": [0.3, 0.25]})
+    assert _plot_sweep(points, "knn_top1", {})          # one bar per point (methods_compare)
+    assert _plot_sweep(points, "eval/linear_top1", {}) is None
