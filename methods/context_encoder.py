@@ -131,8 +131,4 @@ class ContextEncoder(Method):
         mask = region_masks(len(x), x.shape[-1], self.args.mask, self.args.mask_fraction, x.device)
         filled = x * (1 - mask) + self.inpaint(x, mask) * mask
         rows = [x * (1 - mask), filled, x]   # input, inpainted, original
-        return {"inpainting": image_grid([self.denormalize(r) for r in rows])}
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x * self.normalize.std + self.normalize.mean).clamp(0, 1)
-
+        return {"inpainting": image_grid([self.normalize.invert(r) for r in rows])}

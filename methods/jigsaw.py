@@ -2,6 +2,7 @@
 Solving Jigsaw Puzzles."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ from sslab.platform.augment import AugmentRecipe
 from sslab.platform.config import check
 
 
+@functools.lru_cache(maxsize=8)
 def maximal_hamming_permutations(count: int, tiles: int = 9, seed: int = 0) -> torch.Tensor:
     """`count` permutations of `tiles` chosen greedily for maximal minimum Hamming distance
     (Noroozi & Favaro, Algorithm 1: each new permutation is the one farthest, by its minimum
@@ -55,7 +57,7 @@ class Jigsaw(Method):
 
     def __init__(self, args: JigsawArgs, ctx: MethodContext):
         super().__init__(args, ctx)
-        self.register_buffer("permutation_set", maximal_hamming_permutations(args.permutations))
+        self.register_buffer("permutation_set", maximal_hamming_permutations(args.permutations).clone())
         self.tile_head = nn.Sequential(nn.Linear(ctx.feature_dim, args.tile_dim), nn.ReLU(inplace=True))
         self.classifier = nn.Sequential(nn.Linear(9 * args.tile_dim, args.hidden_dim), nn.ReLU(inplace=True),
                                         nn.Linear(args.hidden_dim, args.permutations))

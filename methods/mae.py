@@ -124,7 +124,4 @@ class MAE(Method):
         masked_input = unpatchify(target * keep, self.patch)
         pasted = unpatchify(target * keep + prediction * (1 - keep), self.patch)
         rows = [masked_input, pasted, x]   # masked input, reconstruction with visible patches, original
-        return {"reconstruction": image_grid([self.denormalize(r) for r in rows])}
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.normalize.std + self.normalize.mean
+        return {"reconstruction": image_grid([self.normalize.invert(r) for r in rows])}

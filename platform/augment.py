@@ -49,6 +49,10 @@ class Normalize(nn.Module):
     def to_unit(self, images: torch.Tensor) -> torch.Tensor:
         return images.float().div_(255) if images.dtype == torch.uint8 else images
 
+    def invert(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> [0, 1] RGB (unclamped), e.g. to show reconstructions."""
+        return x * self.std + self.mean
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (self.to_unit(images) - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

@@ -433,6 +433,12 @@ def _check_overrides(raw: dict, overrides: dict, key: str, source: str) -> None:
         raise ConfigError(source, key, f"{shown}: {err.key}: {err.message}") from None
 
 
+def short_key(dotted: str) -> str:
+    """How a swept key appears in trial and point names: its last part (method_args.temperature
+    -> temperature)."""
+    return dotted.rsplit(".", 1)[-1]
+
+
 def parse_expectation(text: str) -> tuple[str, str]:
     """'temperature=0.1 > temperature=1.0' -> ('temperature=0.1', 'temperature=1.0')."""
     better, sep, worse = text.partition(">")
@@ -449,7 +455,7 @@ def _check_paper(study: StudyConfig, source: str) -> None:
         return   # a single trial: its sweep was already expanded
     swept = [k for k in study.sweep if k != "points"]
     swept += [k for point in study.sweep.get("points", []) for k in point]
-    keys = {k.rsplit(".", 1)[-1] for k in swept}   # trial names use each key's last part
+    keys = {short_key(k) for k in swept}
     named = [("paper.results", str(k)) for k in study.paper.results]
     for i, text in enumerate(study.paper.expect):
         try:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from sslab.platform.config import short_key
 from sslab.platform.tracking import TRIAL_TAG, Tracker
 from sslab.platform.verdict import expectations, judge, verdict
 
@@ -74,11 +75,17 @@ def _pm(mean: float, std: float, count: int, scale: float = 100, digits: int = 1
     return f"{mean * scale:.{digits}f}"
 
 
-def _plot_curves(curves: pd.DataFrame, metric: str, ylabel: str) -> str | None:
-    """A PNG (base64) of `metric` per epoch, one line per trial."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display here)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _plot_curves(curves: pd.DataFrame, metric: str, ylabel: str) -> str | None:
+    """A PNG (base64) of `metric` per epoch, one line per trial."""
+    plt = _pyplot()
 
     data = curves[curves["metric"] == metric] if len(curves) else curves
     if data.empty:
@@ -109,9 +116,7 @@ def _sort_key(value: str):
 def _plot_sweep(trials: pd.DataFrame, metric: str, paper_results: dict, sweep: dict | None = None) -> str | None:
     """`metric` against the first swept key (mean ± std over seeds), one line per value of the
     other keys; the paper's numbers, where given, as open markers on a second axis."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     if trials.empty or metric not in trials:
         return None
@@ -126,7 +131,7 @@ def _plot_sweep(trials: pd.DataFrame, metric: str, paper_results: dict, sweep: d
     if len({tuple(v) for v in parsed.values()}) > 1:   # `points` with their own keys: one bar each
         return _plot_bars(stats, metric, baseline)
     x_key = keys[0]
-    listed = next((v for k, v in (sweep or {}).items() if k.rsplit(".", 1)[-1] == x_key and isinstance(v, list)), [])
+    listed = next((v for k, v in (sweep or {}).items() if short_key(k) == x_key and isinstance(v, list)), [])
     order = [str(v) for v in listed]   # the study's own order (none, linear, mlp), else sorted
     x_values = sorted({v[x_key] for v in parsed.values()},
                       key=lambda v: (order.index(v), 0.0, "") if v in order else (len(order),) + _sort_key(v)[1:])
@@ -158,9 +163,7 @@ def _plot_sweep(trials: pd.DataFrame, metric: str, paper_results: dict, sweep: d
 
 
 def _plot_bars(stats: pd.DataFrame, metric: str, baseline: float | None) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     labels = [p if len(p) <= 48 else p[:45] + "..." for p in stats.index]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(stats) + 1.2), dpi=110)
@@ -176,8 +179,7 @@ def _plot_bars(stats: pd.DataFrame, metric: str, baseline: float | None) -> str:
 
 
 def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

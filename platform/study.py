@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sslab.platform.config import (ConfigError, SearchConfig, StudyConfig, as_distribution, build_study,
-                                   flatten, get_dotted, set_dotted)
+                                   flatten, get_dotted, set_dotted, short_key)
 from sslab.platform.tracking import TRIAL_TAG, Tracker, TrialTracking, default_tracking_uri, git_commit
 from sslab.platform.train import CHECKPOINT_NAME, train_loop, trial_config
 
@@ -90,7 +90,7 @@ def make_trial(raw: dict, values: dict, name: str | None = None) -> Trial:
 
 def trial_name(values: dict) -> str:
     """'temperature=0.2,seed=0': the last part of each swept key, the seed last."""
-    parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items() if k != SEED_KEY]
+    parts = [f"{short_key(k)}={v}" for k, v in values.items() if k != SEED_KEY]
     # a point that changes the method names it first, however its overrides are ordered
     parts.sort(key=lambda part: not part.startswith("method="))
     return ",".join(parts + [f"seed={values[SEED_KEY]}"])
