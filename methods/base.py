@@ -58,6 +58,10 @@ class Method(nn.Module):
         positions in the training set, for methods that pair images with other data (captions)."""
         raise NotImplementedError
 
+    def before_optimizer_step(self, step: int) -> None:
+        """After backward (and the DDP gradient all-reduce), before the optimiser: gradient surgery
+        such as DINO's frozen last layer. Parameters whose `.grad` is set to None are not updated."""
+
     def on_step_end(self, step: int) -> None:
         """After the optimiser step: EMA updates, queues, centres."""
 

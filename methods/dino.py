@@ -20,10 +20,14 @@ class DINOArgs:
     out_dim: int = check(default=4096, gt=0)                  # K prototypes (paper: 65536)
     hidden_dim: int = check(default=2048, gt=0)
     bottleneck_dim: int = check(default=256, gt=0)
+    head_layers: int = check(default=3, ge=1)                 # MLP layers before the bottleneck
+    head_batch_norm: bool = False                             # BN in the MLP (convnets)
+    norm_last_layer: bool = True                              # fixed-norm prototypes (DINO's code)
     student_temp: float = check(default=0.1, gt=0)
     teacher_temp: float = check(default=0.04, gt=0)           # after the warm-up
     warmup_teacher_temp: float = check(default=0.04, gt=0)
     teacher_temp_warmup: float = check(default=0.3, ge=0, le=1)   # fraction of training
+    freeze_last_layer: float = check(default=0.01, ge=0, le=1)  # fraction of training (paper: 1 epoch)
     center_momentum: float = check(default=0.9, ge=0, le=1)
     momentum_teacher: float = check(default=0.996, ge=0, le=1)    # rises to 1 (cosine)
     local_crops: int = check(default=4, ge=0)
@@ -37,12 +41,16 @@ class DINOHead(nn.Module):
 
     def __init__(self, in_dim: int, args: DINOArgs):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, args.hidden_dim), nn.GELU(),
-                                 nn.Linear(args.hidden_dim, args.hidden_dim), nn.GELU(),
-                                 nn.Linear(args.hidden_dim, args.bottleneck_dim))
+        layers, dim = [], in_dim
+        for _ in range(args.head_layers - 1):
+            layers += [nn.Linear(dim, args.hidden_dim)]
+            layers += [nn.BatchNorm1d(args.hidden_dim)] if args.head_batch_norm else []
+            layers += [nn.GELU()]
+            dim = args.hidden_dim
+        self.mlp = nn.Sequential(*layers, nn.Linear(dim, args.bottleneck_dim))
         self.last = nn.utils.parametrizations.weight_norm(nn.Linear(args.bottleneck_dim, args.out_dim, bias=False))
         self.last.parametrizations.weight.original0.data.fill_(1.0)
-        self.last.parametrizations.weight.original0.requires_grad_(False)
+        self.last.parametrizations.weight.original0.requires_grad_(not args.norm_last_layer)
 
     def forward(self, x):
         return self.last(F.normalize(self.mlp(x), dim=-1))
@@ -110,6 +118,13 @@ class DINO(Method):
                          self.teacher_temp(step))
         self._teacher_mean = torch.cat(teacher).float().mean(dim=0, keepdim=True)
         return loss, {"z_std": embedding_std(student[0]), "teacher_entropy": _entropy(teacher[0], self.center, self.teacher_temp(step))}
+
+    def before_optimizer_step(self, step):
+        # The prototypes stay fixed at first: DINO's code (`freeze_last_layer`, one epoch) does so to
+        # stabilise the start of training. Gradients set to None are skipped by the optimiser.
+        if step < self.args.freeze_last_layer * self.total_steps:
+            for p in self.head.last.parameters():
+                p.grad = None
 
     @torch.no_grad()
     def on_step_end(self, step):

@@ -18,11 +18,13 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """theta_target <- m * theta_target + (1 - m) * theta_online (MoCo eq. 2); buffers copied."""
+    """theta_target <- m * theta_target + (1 - m) * theta_online (MoCo eq. 2), parameters only.
+
+    Buffers (BN running statistics) are the target's own, kept by its forward passes in train
+    mode: the online network's statistics belong to the online weights, and an EMA network
+    evaluated with them (DINO's teacher) computes features with mismatched normalisation."""
     for t, o in zip(target.parameters(), online.parameters()):
         t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
-    for t, o in zip(target.buffers(), online.buffers()):
-        t.copy_(o)
 
 
 def cosine_momentum(step: int, total_steps: int, base: float) -> float:

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -266,12 +267,27 @@ def _join(prefix: str, key: str) -> str:
 
 # ----------------------------------------------------------------------------- overrides
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `1e-5` (no dot) is a string; learning rates and weight
+    decays are written that way, so floats follow YAML 1.2 here."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_override(text: str, source: str = "--set") -> tuple[str, Any]:
     """'train.epochs=2' -> ('train.epochs', 2); the value is parsed as YAML."""
     if "=" not in text:
         raise ConfigError(source, text, "expected KEY=VALUE")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    return key.strip(), parse_yaml(raw) if raw.strip() else None
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -311,7 +327,7 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(str(path), "", "no such file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f"line {mark.line + 1}" if mark else ""

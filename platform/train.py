@@ -420,6 +420,8 @@ def train_step(method: Method, optimizer, images: torch.Tensor, step: int, index
         loss, metrics = method.training_step(images, step, index)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    with unwrapped(method):
+        method.before_optimizer_step(step)
     optimizer.step()
     with unwrapped(method):
         method.on_step_end(step)

@@ -59,6 +59,15 @@ def test_overrides_by_dotted_path(tmp_path, tiny_raw):
     assert (study.train.epochs, study.method_args["temperature"], study.data.subset) == (7, 0.2, 100)
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path, tiny_raw):
+    # PyYAML (YAML 1.1) would read `1e-5` as a string; lr and weight decay are written that way.
+    path = tmp_path / "study.yaml"
+    path.write_text(f"name: tiny\nmethod: simclr\ntrain: {{lr: 3e-2, weight_decay: 1e-5}}\n"
+                    f"data: {tiny_raw['data']}\n")
+    study, _ = load_study(path, ["train.warmup_epochs=5e-1"])
+    assert (study.train.lr, study.train.weight_decay, study.train.warmup_epochs) == (0.03, 1e-5, 0.5)
+
+
 def test_missing_file_and_invalid_yaml(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
     bad = tmp_path / "bad.yaml"

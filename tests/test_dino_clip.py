@@ -11,6 +11,9 @@ from sslab.platform.config import build_study
 from sslab.platform.data import load_dataset
 from sslab.platform.train import build_method
 
+TINY_SGD = {"name": "t", "data": {"name": "synthetic", "train_size": 64, "test_size": 32, "image_size": 16},
+            "train": {"optimizer": "sgd", "lr": 0.1}}
+
 
 def test_dino_loss_matches_eq3():
     """DINO eq. (3): sum_{x in globals} sum_{x' != x} H(P_t(x), P_s(x')), with
@@ -56,6 +59,33 @@ def test_dino_multi_crop_views(make_method):
     assert dino.local_view(images).shape[-1] == dino.local_size < 16
     loss, metrics = dino.training_step(images, 0)
     assert torch.isfinite(loss) and 0 <= metrics["teacher_entropy"] <= math.log(16) + 1e-4
+
+
+def test_dino_last_layer_is_frozen_for_its_fraction_of_training(make_method):
+    """DINO's code (freeze_last_layer): the prototypes get no update at first, then do; the rest
+    of the student trains from the first step."""
+    from sslab.platform.train import build_optimizer, train_step
+
+    dino, data = make_method("dino", out_dim=16, local_crops=0, freeze_last_layer=0.5)   # 50 of 100 steps
+    optimizer = build_optimizer(dino, build_study({**TINY_SGD, "method": "dino"}).train)
+    last, first = dino.head.last.weight, dino.head.mlp[0].weight
+    images = data.train_images[:8]
+    before_last, before_first = last.detach().clone(), first.detach().clone()
+    train_step(dino, optimizer, images, 49, torch.arange(8), amp=False)
+    assert torch.equal(dino.head.last.weight, before_last)
+    assert not torch.equal(first, before_first)
+    train_step(dino, optimizer, images, 50, torch.arange(8), amp=False)
+    assert not torch.equal(dino.head.last.weight, before_last)
+
+
+def test_dino_head_layers_and_batch_norm(make_method):
+    dino, _ = make_method("dino", out_dim=16, head_layers=2, head_batch_norm=True, norm_last_layer=False)
+    kinds = [type(m).__name__ for m in dino.head.mlp]
+    assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear"]
+    assert dino.head.last.parametrizations.weight.original0.requires_grad   # prototype norms learnt
+    plain, _ = make_method("dino", out_dim=16)
+    assert [type(m).__name__ for m in plain.head.mlp].count("Linear") == 3
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.head.mlp)
 
 
 def test_dino_runs_on_a_vit(make_method, tiny_raw):

@@ -41,6 +41,15 @@ def test_ema_update_follows_the_momentum_rule():
     assert not any(p.requires_grad for p in target.parameters())
 
 
+def test_ema_update_leaves_the_targets_own_batch_norm_statistics():
+    """Only parameters are averaged (MoCo's code: param_k = m param_k + (1-m) param_q); the
+    target's BN statistics come from its own forward passes, matching its own weights."""
+    online, target = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    online(torch.randn(16, 3) + 5.0)                       # online statistics move to ~5
+    ema_update(target, online, 0.5)
+    assert torch.equal(target.running_mean, torch.zeros(3))
+
+
 def test_byol_tau_rises_from_base_to_one_on_a_cosine():
     assert cosine_momentum(0, 100, 0.99) == pytest.approx(0.99)
     assert cosine_momentum(50, 100, 0.99) == pytest.approx(0.995)
