@@ -10,6 +10,7 @@ from torch import nn
 
 from sslab.methods.base import Method, MethodContext
 from sslab.methods.ema import cosine_momentum, ema_update, frozen_copy
+from sslab.methods.heads import projection_head
 from sslab.methods.losses import embedding_std
 from sslab.platform.augment import Augment, AugmentRecipe
 from sslab.platform.config import check
@@ -41,13 +42,8 @@ class DINOHead(nn.Module):
 
     def __init__(self, in_dim: int, args: DINOArgs):
         super().__init__()
-        layers, dim = [], in_dim
-        for _ in range(args.head_layers - 1):
-            layers += [nn.Linear(dim, args.hidden_dim)]
-            layers += [nn.BatchNorm1d(args.hidden_dim)] if args.head_batch_norm else []
-            layers += [nn.GELU()]
-            dim = args.hidden_dim
-        self.mlp = nn.Sequential(*layers, nn.Linear(dim, args.bottleneck_dim))
+        self.mlp = projection_head("mlp", in_dim, args.hidden_dim, args.bottleneck_dim, depth=args.head_layers,
+                                   batch_norm=args.head_batch_norm, activation=nn.GELU)
         self.last = nn.utils.parametrizations.weight_norm(nn.Linear(args.bottleneck_dim, args.out_dim, bias=False))
         self.last.parametrizations.weight.original0.data.fill_(1.0)
         self.last.parametrizations.weight.original0.requires_grad_(not args.norm_last_layer)
