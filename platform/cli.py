@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from sslab.platform.config import ConfigError, load_study, parse_override
+from sslab.platform.config import ConfigError, check_study_name, load_study, parse_override
 
 EXIT_BAD_INPUT = 2
 
@@ -53,12 +53,14 @@ def cmd_run(args) -> int:
 
 def cmd_report(args) -> int:
     from sslab.platform.report import build_report
-    from sslab.platform.tracking import default_tracking_uri
+    from sslab.platform.tracking import default_tracking_uri, require_store
 
     name = args.study
     if name.endswith((".yaml", ".yml")):
         name = load_study(name, args.set)[0].name
+    check_study_name(name, "sslab report", "STUDY")
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(_workdir(args))
+    require_store(uri, "--tracking-uri")
     out = build_report(name, uri, Path(args.reports) / name, parent_run_id=args.parent_run)
     print(f"report: {out / 'report.md'} and {out / 'report.html'}")
     return 0
@@ -71,11 +73,12 @@ def cmd_eval(args) -> int:
     import torch
 
     from sslab.platform.config import build_study, set_dotted
-    from sslab.platform.tracking import Tracker, default_tracking_uri
     from sslab.platform.data import load_dataset
-    from sslab.platform.train import evaluate_checkpoint
+    from sslab.platform.tracking import Tracker, default_tracking_uri, require_store
+    from sslab.platform.train import evaluate_checkpoint, has_checkpoint
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(_workdir(args))
+    require_store(uri, "--tracking-uri")
     tracker = Tracker(uri)
     try:
         run = tracker.client.get_run(args.run)
@@ -92,7 +95,7 @@ def cmd_eval(args) -> int:
         set_dotted(raw, key, value)
     study = build_study(raw, source=f"run {args.run}")
     checkpoint = Path(run.data.tags.get("sslab.checkpoint", ""))
-    if not checkpoint.is_file():
+    if not has_checkpoint(checkpoint):
         raise ConfigError(f"run {args.run}", "tags.sslab.checkpoint", f"no checkpoint at {checkpoint}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and study.train.use_gpu else "cpu"))
     data = load_dataset(study.data)

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -23,6 +24,7 @@ class ConfigError(ValueError):
     """A bad study file: `str(err)` is the one line shown to the user."""
 
     def __init__(self, source: str, key: str, message: str):
+        message = " ".join(str(message).split())   # one line, whatever it quotes
         self.source, self.key, self.message = source, key, message
         where = f"{source}: {key}" if key else source
         super().__init__(f"{where}: {message}")
@@ -225,6 +227,8 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         # bool is an int subclass in Python: `true` is not a batch size
         if not isinstance(value, accepted) or (tp is not bool and isinstance(value, bool)):
             raise ConfigError(source, key, f"expected {expected}, got {value!r}")
+        if tp is float and not math.isfinite(value):
+            raise ConfigError(source, key, f"{value!r} is not a finite number")
         return float(value) if tp is float else value
     raise TypeError(f"unsupported annotation {tp!r} at {key}")
 
@@ -269,7 +273,14 @@ def _join(prefix: str, key: str) -> str:
 
 class _Loader(yaml.SafeLoader):
     """PyYAML follows YAML 1.1, where `1e-5` (no dot) is a string; learning rates and weight
-    decays are written that way, so floats follow YAML 1.2 here."""
+    decays are written that way, so floats follow YAML 1.2 here. Aliases (`*name`) are refused:
+    a few hundred bytes of nested aliases expand to gigabytes (the "billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(
@@ -277,9 +288,17 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
     list("-+0123456789."))
 
+MAX_STUDY_BYTES = 1_000_000
+
 
 def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark else ""
+    return f"invalid YAML{where} ({getattr(err, 'problem', None) or err})"
 
 
 def parse_override(text: str, source: str = "--set") -> tuple[str, Any]:
@@ -287,7 +306,11 @@ def parse_override(text: str, source: str = "--set") -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(source, text, "expected KEY=VALUE")
     key, raw = text.split("=", 1)
-    return key.strip(), parse_yaml(raw) if raw.strip() else None
+    key = key.strip()
+    try:
+        return key, parse_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(source, key, _yaml_problem(err)) from None
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -326,12 +349,14 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "", "no such file")
+    if path.stat().st_size > MAX_STUDY_BYTES:
+        raise ConfigError(str(path), "", f"larger than {MAX_STUDY_BYTES} bytes: not a study file")
     try:
-        data = parse_yaml(path.read_text())
+        data = parse_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(str(path), "", f"not UTF-8 text (byte {err.start})") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f"line {mark.line + 1}" if mark else ""
-        raise ConfigError(str(path), line, f"invalid YAML ({getattr(err, 'problem', err)})") from None
+        raise ConfigError(str(path), "", _yaml_problem(err)) from None
     if not isinstance(data, dict):
         raise ConfigError(str(path), "", "a study file must be a YAML mapping")
     return data
@@ -342,6 +367,8 @@ def build_study(raw: dict, source: str = "<config>") -> StudyConfig:
     from sslab.methods.registry import get_method_class  # late: methods import the platform
 
     study = from_dict(StudyConfig, raw, source)
+    check_study_name(study.name, source)
+    _check_seeds(study.seeds, source)
     try:
         method_cls = get_method_class(study.method)
     except KeyError as err:
@@ -359,6 +386,30 @@ def build_study(raw: dict, source: str = "<config>") -> StudyConfig:
     return study
 
 
+STUDY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+
+
+def check_study_name(name: str, source: str, key: str = "name") -> None:
+    """A study's name becomes folders (workdir, reports) and an MLflow experiment: an identifier."""
+    if not STUDY_NAME.fullmatch(name):
+        raise ConfigError(source, key, f"{name!r} is not a study name (letters, digits, '_', '.', '-'; "
+                                          "at most 100, not starting with '.' or '-')")
+
+
+def _check_seeds(seeds: list[int], source: str) -> None:
+    if not seeds:
+        raise ConfigError(source, "seeds", "needs at least one seed")
+    _check_unique(seeds, "seeds", source)
+
+
+def _check_unique(values: list, key: str, source: str) -> None:
+    seen = []
+    for i, value in enumerate(values):
+        if value in seen:
+            raise ConfigError(source, f"{key}[{i}]", f"{value!r} is listed twice")
+        seen.append(value)
+
+
 def _check_data(data: DataConfig, source: str) -> None:
     if data.name == "synthetic":
         return
@@ -366,9 +417,15 @@ def _check_data(data: DataConfig, source: str) -> None:
         raise ConfigError(source, "data.root", f"required for data.name={data.name!r}")
     root = Path(data.root).expanduser()
     if data.name == "imagefolder":
+        from sslab.platform.data import DataError, scan_image_folder
+
         for split in ("train", "test"):
             if not (root / split).is_dir():
                 raise ConfigError(source, "data.root", f"{root / split} is not a directory")
+        try:
+            scan_image_folder(root.resolve())
+        except (DataError, OSError) as err:
+            raise ConfigError(source, "data.root", str(err)) from None
     elif not data.download and not root.is_dir():
         raise ConfigError(source, "data.root",
                           f"{root} does not exist (set data.download: true to fetch it)")
@@ -397,6 +454,7 @@ def _check_sweep(raw: dict, study: StudyConfig, source: str) -> None:
             continue
         if not isinstance(values, list) or not values:
             raise ConfigError(source, key, "expected a non-empty list of values, or {uniform|loguniform|choice: ...}")
+        _check_unique(values, key, source)
         if dotted == "points" and study.search.name == "optuna":
             raise ConfigError(source, key, "search.name: optuna samples keys; `points` needs grid or random")
         for i, value in enumerate(values):
@@ -467,6 +525,9 @@ def _check_paper(study: StudyConfig, source: str) -> None:
     """The points the paper section names must use the sweep's keys (a typo fails early); a
     value not in the sweep is allowed (`--set sweep...` may change the values) and is reported
     as not run."""
+    for point, value in study.paper.results.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ConfigError(source, f"paper.results.{point}", f"expected a finite number, got {value!r}")
     if not study.sweep:
         return   # a single trial: its sweep was already expanded
     swept = [k for k in study.sweep if k != "points"]
@@ -492,7 +553,13 @@ def _check_eval(study: StudyConfig, source: str) -> None:
 
 
 def _check_train(study: StudyConfig, source: str) -> None:
+    from sslab.platform.data import train_set_size
+
     train = study.train
+    images = train_set_size(study.data)
+    if images is not None and train.batch_size > images:
+        raise ConfigError(source, "train.batch_size", f"{train.batch_size} is more than the "
+                                                      f"{images} training images (data)")
     if train.batch_size % train.num_workers:
         raise ConfigError(source, "train.batch_size",
                           f"{train.batch_size} is not divisible by train.num_workers={train.num_workers}")
@@ -503,7 +570,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[StudyConfig
     source = str(path)
     raw = load_yaml(path)
     for text in overrides:
-        key, value = parse_override(text)
+        key, value = parse_override(text, source=f"{source} --set")
         if key.startswith("sweep."):   # a sweep's keys are themselves dotted paths
             raw.setdefault("sweep", {})[key.removeprefix("sweep.")] = value
         else:

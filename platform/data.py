@@ -7,6 +7,7 @@ are meant to teach.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -167,36 +168,88 @@ def _torchvision(cfg: DataConfig) -> Dataset:
 # ----------------------------------------------------------------------------- image folders
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+TORCHVISION_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "stl10": 5_000}
+
+
+class DataError(ValueError):
+    """Bad data on disk; the message names the file or folder."""
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    classes: tuple[str, ...]
+    train: tuple[tuple[Path, int], ...]   # (file, label), sorted by class then name
+    test: tuple[tuple[Path, int], ...]
+
+
+@functools.lru_cache(maxsize=8)
+def scan_image_folder(root: Path) -> FolderScan:
+    """Lists `root/train/<class>/*` and `root/test/<class>/*` without decoding anything, and
+    rejects what would only fail inside a trial: no classes, a test class that training lacks,
+    a class with no images, an empty file. (Corrupt files are found when decoded, by name.)"""
+    root = Path(root)
+    classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
+    if not classes:
+        raise DataError(f"{root / 'train'} has no class folders (expected train/<class>/*)")
+    test_classes = sorted(p.name for p in (root / "test").iterdir() if p.is_dir())
+    missing = [name for name in test_classes if name not in classes]
+    if missing:
+        raise DataError(f"{root / 'test' / missing[0]}: class {missing[0]!r} is not in {root / 'train'}")
+    return FolderScan(classes, _list_split(root / "train", classes, required=True),
+                      _list_split(root / "test", classes, required=False))
+
+
+def _list_split(split_dir: Path, classes: tuple[str, ...], required: bool) -> tuple[tuple[Path, int], ...]:
+    items = []
+    for label, name in enumerate(classes):
+        folder = split_dir / name
+        if not folder.is_dir():
+            continue
+        files = [f for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        if required and not files:
+            raise DataError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for f in files:
+            if f.stat().st_size == 0:
+                raise DataError(f"{f} is an empty file")
+            items.append((f, label))
+    if not items:
+        raise DataError(f"{split_dir} holds no images")
+    return tuple(items)
+
+
+def train_set_size(cfg: DataConfig) -> int | None:
+    """How many images a training epoch draws from (after `subset`); None where unknown
+    before loading (a torchvision dataset of unknown size)."""
+    if cfg.name == "synthetic":
+        total = cfg.train_size
+    elif cfg.name == "imagefolder":
+        total = len(scan_image_folder(Path(cfg.root).expanduser().resolve()).train)
+    else:
+        total = TORCHVISION_TRAIN_SIZES.get(cfg.name)
+    return None if total is None else min(total, cfg.subset or total)
 
 
 def _imagefolder(cfg: DataConfig) -> Dataset:
     root = Path(cfg.root).expanduser().resolve()
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    train = _decode_split(root / "train", classes, cfg.image_size, cfg.subset, cfg.seed)
-    test = _decode_split(root / "test", classes, cfg.image_size, cfg.test_subset, cfg.seed)
-    return Dataset(f"imagefolder:{root.name}", classes, *train, *test)
+    scan = scan_image_folder(root)
+    train = _decode_split(root / "train", scan.train, cfg.image_size, cfg.subset, cfg.seed)
+    test = _decode_split(root / "test", scan.test, cfg.image_size, cfg.test_subset, cfg.seed)
+    return Dataset(f"imagefolder:{root.name}", list(scan.classes), *train, *test)
 
 
-def _list_split(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        for path in sorted((split_dir / name).iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                files.append(path)
-                labels.append(label)
-    return files, labels
-
-
-def _decode_split(split_dir: Path, classes: list[str], size: int, subset: int | None, seed: int):
-    """Decodes only the files the subset keeps, once; later runs read the cached tensor."""
-    files, labels = _list_split(split_dir, classes)
+def _decode_split(split_dir: Path, items: tuple[tuple[Path, int], ...], size: int, subset: int | None, seed: int):
+    """Decodes only the files the subset keeps, once; later runs read the cached tensor. The cache
+    is keyed on each file's path, size and modification time: an image edited in place is read again."""
+    files, labels = [f for f, _ in items], [label for _, label in items]
     if subset is not None and subset < len(files):
         keep = _subset_indices(len(files), subset, seed).tolist()
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
-    key = hashlib.sha256("\n".join([str(size)] + [str(f) for f in files]).encode()).hexdigest()[:16]
+    stats = [f.stat() for f in files]
+    identity = [str(size)] + [f"{f}\t{st.st_size}\t{st.st_mtime_ns}" for f, st in zip(files, stats)]
+    key = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:16]
     cache = cache_dir() / f"{split_dir.parent.name}-{split_dir.name}-{key}.pt"
     if cache.exists():
-        saved = torch.load(cache)
+        saved = torch.load(cache, weights_only=True)
         return saved["images"], saved["labels"]
     images = torch.stack([_read_image(f, size) for f in files])
     label_tensor = torch.tensor(labels, dtype=torch.long)
@@ -207,7 +260,10 @@ def _decode_split(split_dir: Path, classes: list[str], size: int, subset: int | 
 def _read_image(path: Path, size: int) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image, read_file
 
-    image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    try:
+        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except RuntimeError as err:   # torchvision's messages end with the reason after the last comma
+        raise DataError(f"{path}: cannot decode ({str(err).rsplit(',', 1)[-1].strip()})") from None
     if image.shape[-2:] != (size, size):
         image = F.interpolate(image[None].float(), size=(size, size), mode="bilinear",
                               antialias=True, align_corners=False)[0].round().clamp(0, 255).byte()

@@ -6,6 +6,7 @@ trial is a thin function that fits a TorchTrainer (DDP) and forwards its reports
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -17,8 +18,10 @@ from pathlib import Path
 
 from sslab.platform.config import (ConfigError, SearchConfig, StudyConfig, as_distribution, build_study,
                                    flatten, get_dotted, set_dotted, short_key)
-from sslab.platform.tracking import TRIAL_TAG, Tracker, TrialTracking, default_tracking_uri, git_commit
+from sslab.platform.tracking import (TRIAL_TAG, Tracker, TrialTracking, default_tracking_uri, git_commit,
+                                     require_store)
 from sslab.platform.train import CHECKPOINT_NAME, train_loop, trial_config
+from sslab.platform.workdir import atomic_write_json, check_writable, inside, locked, safe_dirname
 
 SEED_KEY = "train.seed"
 POINTS_KEY = "points"
@@ -107,31 +110,52 @@ class StudyPaths:
         return default_tracking_uri(self.workdir)
 
     def study_dir(self, study: str) -> Path:
-        return self.workdir / "studies" / study
+        return inside(self.workdir, "studies", study)
 
     def invocation_dir(self, study: str, parent_run_id: str) -> Path:
-        return self.study_dir(study) / parent_run_id
+        return inside(self.study_dir(study), parent_run_id)
 
     def latest_file(self, study: str) -> Path:
         return self.study_dir(study) / "latest.json"
+
+    def latest_invocation(self, study: str) -> str:
+        return json.loads(self.latest_file(study).read_text())["parent_run_id"]
+
+
+RESOLVED_FILE = "study.json"   # in the invocation folder: the resolved study that ran
 
 
 def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
               tracking_uri: str | None = None, ray_address: str | None = None,
               resume: bool = False, source: str = "<study>", command: str = "") -> dict:
     """Runs every trial of the study; returns {'parent_run_id', 'experiment_id', 'trials'}.
-    `command`: the command line that ran it, kept as the parent run's `sslab.command` tag."""
-    # Validates every trial before anything is written (Optuna's are proposed as it runs; its
-    # ranges were validated at both ends when the study was loaded).
+    `command`: the command line that ran it, kept as the parent run's `sslab.command` tag.
+
+    Everything that can be refused is checked before anything is written: every trial, image
+    files (decoded once, into the cache the trials read), a resumed run's settings, whether a
+    trial fits the local cluster, and whether the workdir is writable."""
+    # Optuna's trials are proposed as it runs; its ranges were validated at both ends on load.
     trials = [] if study.search.name == "optuna" else expand_trials(study, raw)
     paths = StudyPaths(Path(workdir).resolve())
-    if resume and not paths.latest_file(study.name).exists():
-        raise ConfigError(source, "--resume", f"no earlier run of study {study.name!r} in {paths.workdir}")
-    paths.study_dir(study.name).mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or paths.tracking_uri
-    tracker = Tracker(uri)   # creates the sqlite store here, before any trial starts
-    experiment_id = tracker.experiment(study.name, paths.workdir / "mlartifacts")
-    parent_run_id = _parent_run(tracker, experiment_id, study, source_text, paths, resume, source)
+    if resume:
+        _check_resumable(paths, study, uri, source)
+    decode_image_folders([t.study for t in trials] or [study], source)
+    local = not (ray_address or os.environ.get("RAY_ADDRESS"))
+    for trial_study in [t.study for t in trials] or [study]:   # a sweep may change the resources
+        if local:
+            check_fits_local_cluster(trial_study, source)
+    check_writable(paths.workdir)
+    init_ray(ray_address)
+    busy = f"study {study.name!r} is already running in this workdir; wait for it, or use another --workdir"
+    with locked(paths.study_dir(study.name) / ".lock", wait=False, busy_message=busy):
+        return _run_locked(study, raw, trials, source_text, paths, uri, ray_address, resume, command)
+
+
+def _run_locked(study: StudyConfig, raw: dict, trials: list[Trial], source_text: str, paths: StudyPaths,
+                uri: str, ray_address: str | None, resume: bool, command: str) -> dict:
+    tracker, experiment_id = open_store(paths, uri, study.name)
+    parent_run_id = _parent_run(tracker, experiment_id, study, source_text, paths, resume)
     if command and not resume:
         tracker.set_tag(parent_run_id, "sslab.command", command)
     invocation = paths.invocation_dir(study.name, parent_run_id)
@@ -158,6 +182,83 @@ def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
             "trials": summary, "status": status}
 
 
+def open_store(paths: StudyPaths, uri: str, study_name: str) -> tuple[Tracker, str]:
+    """The tracker and the study's experiment, the sqlite store created on first use. MLflow's
+    first-time set-up is not safe to run twice at once: concurrent `sslab run`s take turns."""
+    with locked(paths.workdir / ".store.lock", wait=True):
+        tracker = Tracker(uri)
+        return tracker, tracker.experiment(study_name, paths.workdir / "mlartifacts")
+
+
+def _check_resumable(paths: StudyPaths, study: StudyConfig, uri: str, source: str) -> None:
+    """A resumed invocation continues with the settings it started with: a study that changed
+    since (its file or --set) is refused, as is a store that lost the invocation's runs."""
+    latest = paths.latest_file(study.name)
+    if not latest.exists():
+        raise ConfigError(source, "--resume", f"no earlier run of study {study.name!r} in {paths.workdir}")
+    parent_run_id = paths.latest_invocation(study.name)
+    saved = paths.invocation_dir(study.name, parent_run_id) / RESOLVED_FILE
+    if saved.exists():
+        before = flatten(json.loads(saved.read_text()))
+        now = flatten(json.loads(json.dumps(study.to_dict(), default=str)))
+        changed = [k for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
+        if changed:
+            shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
+            raise ConfigError(source, "--resume", f"the study differs from the run it would resume ({shown}); "
+                                                  "resume it unchanged, or run without --resume")
+    require_store(uri, "--resume", source)
+    try:
+        Tracker(uri).client.get_run(parent_run_id)
+    except Exception:
+        raise ConfigError(source, "--resume", f"the MLflow store {uri} has no run {parent_run_id} (was it "
+                                              "deleted?); run without --resume to start again") from None
+
+
+def decode_image_folders(studies: list[StudyConfig], source: str) -> None:
+    """Decodes each distinct image-folder dataset once (the trials then read the cache), so that
+    a corrupt or truncated file is an error naming it, before anything is written."""
+    from sslab.platform.data import DataError, load_dataset
+
+    seen = set()
+    for trial_study in studies:
+        data = trial_study.data
+        key = json.dumps(dataclasses.asdict(data), sort_keys=True)
+        if data.name != "imagefolder" or key in seen:
+            continue
+        seen.add(key)
+        try:
+            load_dataset(data)
+        except DataError as err:
+            raise ConfigError(source, "data.root", str(err)) from None
+
+
+def local_cluster_resources() -> tuple[float, float]:
+    """(CPUs, GPUs) of the local cluster: the running one's, else what `ray.init` would detect."""
+    import ray
+
+    if ray.is_initialized():
+        available = ray.cluster_resources()
+        return available.get("CPU", 0), available.get("GPU", 0)
+    import torch
+
+    return float(os.cpu_count() or 1), float(torch.cuda.device_count())
+
+
+def check_fits_local_cluster(study: StudyConfig, source: str) -> None:
+    """A trial that asks for more than the cluster has would wait PENDING forever."""
+    cpus, gpus = local_cluster_resources()
+    resources, per_worker = trial_resources(study, cpus)
+    train = study.train
+    workers = train.num_workers
+    needed_cpus = resources["CPU"] + (per_worker * workers if workers > 1 else 0)
+    if needed_cpus > cpus + 1e-9:
+        raise ConfigError(source, "train.cpus_per_worker", f"a trial needs {needed_cpus:g} CPUs "
+                                                           f"({workers} worker(s)); the local cluster has {cpus:g}")
+    if train.use_gpu and train.gpus_per_worker * workers > gpus:
+        raise ConfigError(source, "train.use_gpu", f"a trial needs {train.gpus_per_worker * workers:g} GPU(s); "
+                                                   f"the local cluster has {gpus:g}")
+
+
 REPEAT_INDEX = "__trial_index__"   # set by Tune's Repeater: which repeat (seed) of a point this is
 
 
@@ -175,7 +276,7 @@ class TrialFactory:
 
     def config(self, values: dict, name: str | None = None) -> dict:
         trial = make_trial(self.raw, values, name)
-        trial_dir = Path(self.invocation) / "trials" / trial.name
+        trial_dir = inside(Path(self.invocation), "trials", safe_dirname(trial.name))
         tags = study_tags(trial.study, self.commit) | {"seed": values[SEED_KEY],
                                                        "sslab.checkpoint": str(trial_dir / CHECKPOINT_NAME)}
         tracking = TrialTracking(self.uri, self.experiment_id, self.parent_run_id, trial.name, tags=tags,
@@ -210,17 +311,19 @@ def study_tags(study: StudyConfig, commit: str) -> dict:
 
 
 def _parent_run(tracker: Tracker, experiment_id: str, study: StudyConfig, source_text: str,
-                paths: StudyPaths, resume: bool, source: str) -> str:
-    latest = paths.latest_file(study.name)
+                paths: StudyPaths, resume: bool) -> str:
     if resume:
-        parent_run_id = json.loads(latest.read_text())["parent_run_id"]
+        parent_run_id = paths.latest_invocation(study.name)
         tracker.client.update_run(parent_run_id, status="RUNNING")
         return parent_run_id
     tags = study_tags(study, git_commit()) | {"sslab.role": "study"}
     parent_run_id = tracker.start_parent(experiment_id, f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags)
     tracker.log_text(parent_run_id, source_text, "study.yaml")
     tracker.log_dict(parent_run_id, study.to_dict(), "resolved_config.json")
-    latest.write_text(json.dumps({"parent_run_id": parent_run_id}))
+    invocation = paths.invocation_dir(study.name, parent_run_id)
+    invocation.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(invocation / RESOLVED_FILE, study.to_dict())
+    atomic_write_json(paths.latest_file(study.name), {"parent_run_id": parent_run_id})
     return parent_run_id
 
 
@@ -266,7 +369,8 @@ def _summarise(tracker: Tracker, experiment_id: str, parent_run_id: str) -> list
 
 # ----------------------------------------------------------------------------- Ray
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, **local_options) -> None:
+    """Joins `address` (or $RAY_ADDRESS) as Ray documents it, else starts a private local cluster."""
     import ray
 
     if ray.is_initialized():
@@ -275,9 +379,26 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address)
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # a private, local, embedded cluster
-    ray.init(include_dashboard=True, object_store_memory=300 * 1024**2,
-             configure_logging=True, logging_level="WARNING", log_to_driver=True)
+    start_local_ray(**local_options)
+
+
+def start_local_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
+    """A local cluster nobody else can reach: every Ray process (GCS, raylet, dashboard and its
+    agent, workers) listens on 127.0.0.1 only, and Ray's token authentication stays on, so the
+    job API cannot run a command for another local user either."""
+    # Ray's local-only mode (its default on macOS): the node address is the loopback one. The
+    # environment reaches Ray's child processes; the constant covers a Ray imported before now.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_AUTH_MODE"] = "token"   # whatever the caller's shell says
+    import ray
+    from ray._private import ray_constants
+    from ray._raylet import Config
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    Config.initialize("")   # re-reads RAY_AUTH_MODE, as Ray itself does when it enables tokens
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus, _temp_dir=temp_dir,
+             object_store_memory=300 * 1024**2, configure_logging=True, logging_level="WARNING",
+             log_to_driver=True)
 
 
 def trial_resources(study: StudyConfig, cluster_cpus: float) -> tuple[dict, float]:

@@ -23,6 +23,20 @@ def default_tracking_uri(workdir: Path) -> str:
     return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite tracking URI (None for any other store)."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def require_store(uri: str, key: str, source: str | None = None) -> None:
+    """Commands that read a store must not create an empty one where it is missing (MLflow would)."""
+    from sslab.platform.config import ConfigError
+
+    path = sqlite_file(uri)
+    if path is not None and not path.is_file():
+        raise ConfigError(source or uri, key, f"no MLflow store at {path} (check --workdir or --tracking-uri)")
+
+
 def git_commit(path: Path | None = None) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,

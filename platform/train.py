@@ -13,6 +13,8 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,21 +190,43 @@ def unwrapped(method: Method):
             setattr(method, name, ddp)
 
 
+def previous_checkpoint(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
 def save_checkpoint(path: Path, method: Method, optimizer, epoch: int, step: int) -> None:
+    """Atomic, and the one before is kept: a checkpoint damaged after it was written (a full
+    disk, a copy cut short) costs one checkpoint interval, not the run."""
     with unwrapped(method):
         state = {"epoch": epoch, "step": step, "method": method.state_dict(),
                  "optimizer": optimizer.state_dict()}
+    if path.exists():
+        os.replace(path, previous_checkpoint(path))
     atomic_torch_save(state, path)
 
 
+def has_checkpoint(path: Path) -> bool:
+    return path.exists() or previous_checkpoint(path).exists()
+
+
 def load_checkpoint(path: Path, method: Method, optimizer, device) -> tuple[int, int]:
-    """Restores every module, buffer and (if given) the optimizer. Returns (epochs done, step)."""
-    state = torch.load(path, map_location=device, weights_only=True)
-    with unwrapped(method):
-        method.load_state_dict(state["method"])
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    return state["epoch"], state["step"]
+    """Restores every module, buffer and (if given) the optimizer from `path`, or from the
+    previous checkpoint where `path` is missing or unreadable. Returns (epochs done, step)."""
+    for candidate in (path, previous_checkpoint(path)):
+        if not candidate.exists():
+            continue
+        try:
+            state = torch.load(candidate, map_location=device, weights_only=True)
+        except Exception as err:   # truncated or corrupt: torch raises several kinds
+            print(f"warning: {candidate} is unreadable ({type(err).__name__}: {str(err)[:120]}); "
+                  "falling back to the previous checkpoint", file=sys.stderr, flush=True)
+            continue
+        with unwrapped(method):
+            method.load_state_dict(state["method"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        return state["epoch"], state["step"]
+    raise FileNotFoundError(f"no readable checkpoint at {path} or {previous_checkpoint(path)}")
 
 
 def evaluate_checkpoint(study: StudyConfig, data: Dataset, checkpoint: Path | None,
@@ -331,7 +355,7 @@ def train_loop(config: dict) -> dict:
     if tune_checkpoints:
         adopt_tune_checkpoint(checkpoint)
     start_epoch, step = 0, 0
-    if checkpoint.exists():
+    if has_checkpoint(checkpoint):
         start_epoch, step = load_checkpoint(checkpoint, method, optimizer, runtime.device)
         if start_epoch >= train.epochs:
             # Finished before a restart whose scheduler had not yet recorded it: nothing to do,

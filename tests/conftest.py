@@ -54,11 +54,12 @@ def tracking_uri(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the tests that need it; a short temp dir keeps socket paths < 107 bytes."""
+    """One local Ray for the tests that need it, started as `sslab run` starts it (loopback only,
+    token auth); a short temp dir keeps socket paths < 107 bytes."""
     ray = pytest.importorskip("ray")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    tmp = tempfile.mkdtemp(prefix="sslabray", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=True, object_store_memory=200 * 1024**2,
-             _temp_dir=tmp, logging_level="WARNING")
+    from sslab.platform.study import start_local_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    start_local_ray(num_cpus=2, temp_dir=tempfile.mkdtemp(prefix="sslabray", dir="/tmp"))
     yield ray
     ray.shutdown()

@@ -12,7 +12,7 @@ from sslab.platform.data import load_dataset
 from sslab.platform.train import build_method
 
 TINY_SGD = {"name": "t", "data": {"name": "synthetic", "train_size": 64, "test_size": 32, "image_size": 16},
-            "train": {"optimizer": "sgd", "lr": 0.1}}
+            "train": {"optimizer": "sgd", "lr": 0.1, "batch_size": 32}}
 
 
 def test_dino_loss_matches_eq3():

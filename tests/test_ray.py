@@ -1,6 +1,7 @@
 """Real Ray runs (slow: one local cluster for all): parallel trials logging to one sqlite store,
 and a 2-worker DDP trial through Ray Train's TorchTrainer."""
 import json
+import os
 import re
 
 import pytest
@@ -111,7 +112,7 @@ def test_killed_driver_resumes_only_unfinished_trials(tmp_path, tiny_raw):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_raw))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="",
+    env = dict(os.environ, RAY_ADDRESS="",
                RAY_TMPDIR=tempfile.mkdtemp(prefix="sslabk", dir="/tmp"))
     command = [sys.executable, "-m", "sslab.platform.cli", "run", str(path), "--workdir",
                str(tmp_path / "runs"), "--tracking-uri", uri, "--reports", str(tmp_path / "reports")]
@@ -198,3 +199,71 @@ def test_pbt_copies_the_better_trial_and_mutates_its_temperature(ray_cluster, tm
     assert name != donor_name
     assert schedules[name][2] == new_config["method_args.temperature"]
     assert schedules[name][:2] == [float(name.split("=")[1].split(",")[0])] * 2
+
+
+def _listening_sockets(pids: set[int]) -> list[tuple[int, str, int]]:
+    """(pid, address, port) of every listening TCP socket the processes hold (from /proc)."""
+    import socket
+    from pathlib import Path
+
+    listening = {}
+    for family, table in ((socket.AF_INET, "/proc/net/tcp"), (socket.AF_INET6, "/proc/net/tcp6")):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] != "0A":   # TCP_LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))   # host-order words
+            listening[fields[9]] = (socket.inet_ntop(family, raw), int(port, 16))
+    found = []
+    for pid in pids:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        found += [(pid, *listening[link[8:-1]]) for link in links if link[8:-1] in listening]
+    return found
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def test_local_cluster_listens_on_loopback_only_and_requires_a_token(ray_cluster):
+    """The embedded cluster (as `sslab run` starts it) must not be reachable from another machine,
+    and its job APIs must refuse a request without Ray's token (it would run any command)."""
+    import urllib.error
+    import urllib.request
+
+    @ray_cluster.remote
+    def pid():
+        return os.getpid()
+
+    worker = ray_cluster.get(pid.remote())
+    processes = _descendants(os.getpid())
+    assert worker in processes                              # workers too are Ray's children
+    sockets = _listening_sockets(processes)
+    assert len({p for p, _, _ in sockets}) >= 4             # GCS, raylet, dashboard, agents, workers
+    exposed = [(p, a, port) for p, a, port in sockets if a not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    assert not exposed, exposed
+    node = ray_cluster._private.worker._global_node
+    agent = f"127.0.0.1:{node.dashboard_agent_listen_port}"
+    for url, data in ((f"http://{node.address_info['webui_url']}/api/jobs/", None),
+                      (f"http://{agent}/api/job_agent/jobs/", b'{"entrypoint": "true"}')):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=10)
+        assert refused.value.code == 401, url

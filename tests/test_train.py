@@ -127,6 +127,7 @@ def test_bf16_autocast_and_channels_last_switches_train(tmp_path, tiny_raw):
 def test_batch_size_scales_the_learning_rate_by_the_rule(tiny_raw, rule, batch, expected):
     from sslab.platform.train import scaled_lr
     tiny_raw["train"].update(lr=0.3, lr_scaling=rule, batch_size=batch)
+    tiny_raw["data"]["train_size"] = 1024
     assert scaled_lr(build_study(tiny_raw).train) == pytest.approx(expected)
 
 
