@@ -4,10 +4,11 @@ The platform hands `training_step` uint8 images already on the device and the gl
 method returns (loss, metrics). Everything else (optimiser, DDP, AMP, checkpoints, logging,
 evaluation) belongs to the platform.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -16,23 +17,34 @@ from sslab.platform.augment import Augment, AugmentRecipe, Normalize
 
 
 @dataclass
+class Encoder:
+    """The network evaluation measures: `module(transform(images))` -> [N, dim] features, where
+    `transform` takes uint8 images or augmented RGB in [0, 1]. kNN and the linear probe read its
+    features; fine-tuning trains a copy of `module` on `transform` of augmented images: all three
+    measure the same network."""
+
+    module: nn.Module
+    dim: int
+    transform: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
 class MethodContext:
     """What the platform gives a method to build itself."""
+
     backbone: nn.Module
     feature_dim: int
     image_size: int
-    normalize: Normalize            # uint8 -> normalised float (no augmentation): eval input
-    augment: Augment                # uint8 -> one augmented view (per-sample parameters)
-    total_steps: int                # for schedules that are pure functions of the step
+    normalize: Normalize  # uint8 -> normalised float (no augmentation): eval input
+    augment: Augment  # uint8 -> one augmented view (per-sample parameters)
+    total_steps: int  # for schedules that are pure functions of the step
     world_size: int = 1
-    dataset: object = None          # the Dataset (classes, captions), for methods that need more than pixels
+    dataset: object = None  # the Dataset (classes, captions), for methods that need more than pixels
 
 
 class Method(nn.Module):
     name: ClassVar[str]
     Args: ClassVar[type]
-    # Submodules trained by gradient: the platform wraps only these in DDP (EMA copies stay out).
-    ddp_modules: ClassVar[tuple[str, ...]] = ("backbone",)
     # Backbones the method works with (MAE: ViTs only); empty: any. Checked by `sslab validate`.
     backbones: ClassVar[tuple[str, ...]] = ()
 
@@ -51,8 +63,14 @@ class Method(nn.Module):
         """The method's own augmentation; a study's `augment:` section overrides fields of it."""
         return AugmentRecipe()
 
-    def training_step(self, images: torch.Tensor, step: int,
-                      index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, images: torch.Tensor, step: int, index: torch.Tensor | None = None):
+        """The training step. The platform wraps the whole method in DDP once and calls this;
+        parameters without gradient (EMA copies) stay out of DDP's reducer."""
+        return self.training_step(images, step, index)
+
+    def training_step(
+        self, images: torch.Tensor, step: int, index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns the loss and detached scalar metrics (tensors: the platform averages them on
         the device and syncs once per report, not once per step). `index` holds the images'
         positions in the training set, for methods that pair images with other data (captions)."""
@@ -74,10 +92,16 @@ class Method(nn.Module):
         name -> uint8 [3, H, W]. Called in eval mode on the main rank."""
         return {}
 
+    def encoder(self) -> Encoder:
+        """What evaluation measures; by default the backbone on normalised RGB. A method whose
+        representation is elsewhere (a teacher, an input colour space) says so here."""
+        return Encoder(self.backbone, self.feature_dim, self.normalize)
+
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """What evaluation sees: backbone features of un-augmented images (eval mode is set by the caller)."""
-        return self.backbone(self.normalize(images))
+        """The encoder's features of un-augmented images (eval mode is set by the caller)."""
+        encoder = self.encoder()
+        return encoder.module(encoder.transform(images))
 
 
 def image_grid(rows: list[torch.Tensor]) -> torch.Tensor:

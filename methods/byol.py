@@ -1,4 +1,5 @@
 """BYOL: Grill et al. 2020, Bootstrap Your Own Latent."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,16 +7,17 @@ from dataclasses import dataclass
 import torch
 
 from sslab.methods.base import Method, MethodContext
-from sslab.methods.ema import cosine_momentum, ema_update, frozen_copy
+from sslab.methods.ema import ema_update, frozen_copy
 from sslab.methods.heads import projection_head
 from sslab.methods.losses import byol_regression, embedding_std
 from sslab.platform.augment import Augment, AugmentRecipe
 from sslab.platform.config import check
+from sslab.platform.optim import cosine_schedule
 
 
 @dataclass
 class BYOLArgs:
-    tau_base: float = check(default=0.99, ge=0, le=1)   # target EMA, rises to 1 (cosine)
+    tau_base: float = check(default=0.99, ge=0, le=1)  # target EMA, rises to 1 (cosine)
     proj_hidden_dim: int = check(default=4096, gt=0)
     proj_dim: int = check(default=256, gt=0)
     pred_hidden_dim: int = check(default=4096, gt=0)
@@ -23,9 +25,9 @@ class BYOLArgs:
 
 class BYOL(Method):
     """Online (backbone, projector, predictor) regresses the EMA target's projection; no negatives."""
+
     name = "byol"
     Args = BYOLArgs
-    ddp_modules = ("backbone", "projector", "predictor")
 
     def __init__(self, args: BYOLArgs, ctx: MethodContext):
         super().__init__(args, ctx)
@@ -46,11 +48,11 @@ class BYOL(Method):
         p1, p2 = self.predictor(z).chunk(2)
         with torch.no_grad():
             t1, t2 = self.target_projector(self.target_backbone(torch.cat([v1, v2]))).chunk(2)
-        loss = byol_regression(p1, t2) + byol_regression(p2, t1)   # symmetrised, L + L~
+        loss = byol_regression(p1, t2) + byol_regression(p2, t1)  # symmetrised, L + L~
         return loss, {"z_std": embedding_std(z), "tau": torch.tensor(self.tau(step))}
 
     def tau(self, step: int) -> float:
-        return cosine_momentum(step, self.total_steps, self.args.tau_base)
+        return cosine_schedule(step, self.total_steps, start=self.args.tau_base, end=1.0)  # BYOL Sec. 3.2
 
     @torch.no_grad()
     def on_step_end(self, step):

@@ -1,5 +1,6 @@
 """CLIP-style image-text contrastive learning: Radford et al. 2021, Learning Transferable Visual
 Models From Natural Language Supervision."""
+
 from __future__ import annotations
 
 import math
@@ -7,14 +8,14 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from sslab.methods.base import Method, MethodContext
-from sslab.methods.losses import embedding_std, gather_with_grad
+from sslab.methods.losses import embedding_std
 from sslab.platform.augment import AugmentRecipe
 from sslab.platform.config import check
+from sslab.platform.distributed import gather_with_grad, global_index
 
 PAD, START, END = 0, 1, 2
 
@@ -26,8 +27,8 @@ class CLIPArgs:
     text_layers: int = check(default=2, ge=1)
     text_heads: int = check(default=4, ge=1)
     max_tokens: int = check(default=16, ge=3)
-    init_temperature: float = check(default=0.07, gt=0)      # learnable; logit scale capped at 100
-    caption_template: str = "a photo of a {}"                # for labelled data without captions
+    init_temperature: float = check(default=0.07, gt=0)  # learnable; logit scale capped at 100
+    caption_template: str = "a photo of a {}"  # for labelled data without captions
 
 
 class WordTokenizer:
@@ -49,8 +50,12 @@ class WordTokenizer:
         """[len(texts), max_tokens] ids: START words END, then PAD (unknown words dropped)."""
         out = torch.full((len(texts), self.max_tokens), PAD, dtype=torch.long)
         for row, text in enumerate(texts):
-            ids = [START] + [self.ids[w] for w in self.words(text) if w in self.ids][:self.max_tokens - 2] + [END]
-            out[row, :len(ids)] = torch.tensor(ids)
+            ids = (
+                [START]
+                + [self.ids[w] for w in self.words(text) if w in self.ids][: self.max_tokens - 2]
+                + [END]
+            )
+            out[row, : len(ids)] = torch.tensor(ids)
         return out
 
 
@@ -61,8 +66,15 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, args.text_width)
         self.position = nn.Parameter(0.01 * torch.randn(args.max_tokens, args.text_width))
-        layer = nn.TransformerEncoderLayer(args.text_width, args.text_heads, 4 * args.text_width,
-                                           dropout=0.0, batch_first=True, norm_first=True, activation="gelu")
+        layer = nn.TransformerEncoderLayer(
+            args.text_width,
+            args.text_heads,
+            4 * args.text_width,
+            dropout=0.0,
+            batch_first=True,
+            norm_first=True,
+            activation="gelu",
+        )
         self.blocks = nn.TransformerEncoder(layer, args.text_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(args.text_width)
         self.project = nn.Linear(args.text_width, args.embed_dim, bias=False)
@@ -82,23 +94,26 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
     Under DDP this rank's rows meet the global batch's columns."""
     image, text = F.normalize(image.float(), dim=1), F.normalize(text.float(), dim=1)
     all_image, all_text = gather_with_grad(image), gather_with_grad(text)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    labels = torch.arange(len(image), device=image.device) + rank * len(image)
+    labels = global_index(len(image), image.device)
     scale = logit_scale.exp()
-    return (F.cross_entropy(scale * image @ all_text.T, labels) +
-            F.cross_entropy(scale * text @ all_image.T, labels)) / 2
+    return (
+        F.cross_entropy(scale * image @ all_text.T, labels)
+        + F.cross_entropy(scale * text @ all_image.T, labels)
+    ) / 2
 
 
 class CLIP(Method):
     """Image encoder + text encoder, contrasted over the batch's image-caption pairs."""
+
     name = "clip"
     Args = CLIPArgs
-    ddp_modules = ("backbone", "image_projection", "text_encoder")
 
     def __init__(self, args: CLIPArgs, ctx: MethodContext):
         super().__init__(args, ctx)
         data = ctx.dataset
-        captions = data.train_captions or [args.caption_template.format(data.classes[y]) for y in data.train_labels.tolist()]
+        captions = data.train_captions or [
+            args.caption_template.format(data.classes[y]) for y in data.train_labels.tolist()
+        ]
         self.prompts = data.class_prompts or [[args.caption_template.format(c)] for c in data.classes]
         self.tokenizer = WordTokenizer(captions + [p for ps in self.prompts for p in ps], args.max_tokens)
         self.register_buffer("train_tokens", self.tokenizer(captions), persistent=False)
@@ -119,7 +134,7 @@ class CLIP(Method):
 
     @torch.no_grad()
     def on_step_end(self, step):
-        self.logit_scale.clamp_(max=math.log(100))   # CLIP caps the scale at 100
+        self.logit_scale.clamp_(max=math.log(100))  # CLIP caps the scale at 100
 
     @torch.no_grad()
     def evaluate(self, data) -> dict[str, float]:
@@ -133,8 +148,8 @@ class CLIP(Method):
         classes = torch.stack(class_embeddings)
         correct = 0
         for start in range(0, len(data.test_images), 512):
-            images = data.test_images[start:start + 512].to(device)
+            images = data.test_images[start : start + 512].to(device)
             image = F.normalize(self.image_projection(self.backbone(self.normalize(images))).float(), dim=1)
             predicted = (image @ classes.T).argmax(dim=1).cpu()
-            correct += (predicted == data.test_labels[start:start + 512]).sum().item()
+            correct += (predicted == data.test_labels[start : start + 512]).sum().item()
         return {"zero_shot_top1": correct / len(data.test_images)}

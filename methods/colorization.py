@@ -3,6 +3,7 @@
 Lightness L in, a distribution over quantised ab colours out, per pixel. Shared with the
 split-brain autoencoder: the Lab conversion, the in-gamut ab bins and their encodings.
 """
+
 from __future__ import annotations
 
 import functools
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslab.methods.base import Method, MethodContext, image_grid
+from sslab.methods.base import Encoder, Method, MethodContext, image_grid
 from sslab.platform.augment import AugmentRecipe
 from sslab.platform.backbones import spatial_features
 from sslab.platform.config import check
@@ -21,11 +22,13 @@ from sslab.platform.config import check
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """[N, 3, H, W] sRGB in [0, 1] -> Lab (L in [0, 100], a and b roughly in [-110, 110]), D65."""
     import kornia.color
+
     return kornia.color.rgb_to_lab(rgb.float())
 
 
 def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     import kornia.color
+
     return kornia.color.lab_to_rgb(lab, clip=True)
 
 
@@ -45,22 +48,25 @@ def nearest_bin(ab: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
 
 
 def _squared_distances(ab: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    return ((ab[:, None] - bins.to(ab)[None, :, :, None, None]) ** 2).sum(2)   # [N, Q, H, W]
+    return ((ab[:, None] - bins.to(ab)[None, :, :, None, None]) ** 2).sum(2)  # [N, Q, H, W]
 
 
-def soft_encode(ab: torch.Tensor, bins: torch.Tensor, neighbours: int = 5, sigma: float = 5.0) -> torch.Tensor:
+def soft_encode(
+    ab: torch.Tensor, bins: torch.Tensor, neighbours: int = 5, sigma: float = 5.0
+) -> torch.Tensor:
     """Zhang et al. Sec. 2.1: each pixel's ab spread over its 5 nearest bins, weighted by a
     Gaussian (sigma 5) of the distance and normalised. [N, 2, H, W] -> [N, Q, H, W]."""
     distances, nearest = _squared_distances(ab, bins).topk(neighbours, dim=1, largest=False)
-    weights = torch.softmax(-distances / (2 * sigma ** 2), dim=1)
+    weights = torch.softmax(-distances / (2 * sigma**2), dim=1)
     return torch.zeros(ab.shape[0], len(bins), *ab.shape[2:], device=ab.device).scatter_(1, nearest, weights)
 
 
-def rebalancing_weights(bin_probability: torch.Tensor, bins: torch.Tensor, mix: float = 0.5,
-                        sigma: float = 5.0) -> torch.Tensor:
+def rebalancing_weights(
+    bin_probability: torch.Tensor, bins: torch.Tensor, mix: float = 0.5, sigma: float = 5.0
+) -> torch.Tensor:
     """Zhang et al. eq. 4: w ~ ((1 - lambda) p~ + lambda / Q)^-1 with p~ the empirical bin
     distribution smoothed by a Gaussian (sigma 5), normalised so that E_p~[w] = 1."""
-    kernel = torch.exp(-torch.cdist(bins.float(), bins.float()) ** 2 / (2 * sigma ** 2))
+    kernel = torch.exp(-(torch.cdist(bins.float(), bins.float()) ** 2) / (2 * sigma**2))
     smoothed = kernel @ bin_probability
     smoothed = smoothed / smoothed.sum()
     weights = 1 / ((1 - mix) * smoothed + mix / len(bins))
@@ -74,7 +80,9 @@ def annealed_mean(probabilities: torch.Tensor, bins: torch.Tensor, temperature: 
     return torch.einsum("nqhw,qc->nchw", sharpened, bins.to(probabilities))
 
 
-def rebalanced_cross_entropy(logits: torch.Tensor, target: torch.Tensor, bin_weights: torch.Tensor) -> torch.Tensor:
+def rebalanced_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, bin_weights: torch.Tensor
+) -> torch.Tensor:
     """Zhang et al. eq. 2: -sum_hw v(Z_hw) sum_q Z_hwq log Z^_hwq, with v the weight of the
     target's most likely bin; averaged over pixels and images. [N, Q, H, W] logits and target."""
     pixel_weight = bin_weights[target.argmax(1)]
@@ -87,8 +95,12 @@ def lightness_input(lab: torch.Tensor) -> torch.Tensor:
 
 
 def dense_head(in_channels: int, out_channels: int, hidden: int = 128) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden),
-                         nn.ReLU(inplace=True), nn.Conv2d(hidden, out_channels, 1))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False),
+        nn.BatchNorm2d(hidden),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(hidden, out_channels, 1),
+    )
 
 
 def dense_logits(backbone: nn.Module, head: nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
@@ -97,7 +109,9 @@ def dense_logits(backbone: nn.Module, head: nn.Module, x: torch.Tensor, size: in
     return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def empirical_bin_probability(images: torch.Tensor, bins: torch.Tensor, max_images: int = 2000) -> torch.Tensor:
+def empirical_bin_probability(
+    images: torch.Tensor, bins: torch.Tensor, max_images: int = 2000
+) -> torch.Tensor:
     """How often each ab bin is the nearest to a pixel of (up to `max_images`) training images."""
     lab = rgb_to_lab(images[:max_images].float().div(255))
     counts = torch.bincount(nearest_bin(lab[:, 1:], bins).flatten(), minlength=len(bins)).float()
@@ -106,24 +120,24 @@ def empirical_bin_probability(images: torch.Tensor, bins: torch.Tensor, max_imag
 
 @dataclass
 class ColorizationArgs:
-    grid: int = check(default=10, gt=0)                # ab quantisation step
-    rebalance: bool = True                             # class rebalancing (eq. 4)
-    rebalance_mix: float = check(default=0.5, ge=0, le=1)   # lambda
-    temperature: float = check(default=0.38, gt=0)     # annealed-mean T
-    output_stride: int = check(default=2, ge=1)        # targets at 1/stride of the image side
+    grid: int = check(default=10, gt=0)  # ab quantisation step
+    rebalance: bool = True  # class rebalancing (eq. 4)
+    rebalance_mix: float = check(default=0.5, ge=0, le=1)  # lambda
+    temperature: float = check(default=0.38, gt=0)  # annealed-mean T
+    output_stride: int = check(default=2, ge=1)  # targets at 1/stride of the image side
 
 
 class Colorization(Method):
     """Multinomial cross-entropy between soft-encoded ab targets and the predicted distribution,
     each pixel weighted by its colour's rarity (eq. 2)."""
+
     name = "colorization"
     Args = ColorizationArgs
-    ddp_modules = ("backbone", "head")
 
     def __init__(self, args: ColorizationArgs, ctx: MethodContext):
         super().__init__(args, ctx)
         self.register_buffer("bins", ab_bins(args.grid).clone())
-        self.head = dense_head(ctx.feature_dim, len(self.bins))   # last map's channels = pooled dim
+        self.head = dense_head(ctx.feature_dim, len(self.bins))  # last map's channels = pooled dim
         weights = torch.ones(len(self.bins))
         if args.rebalance and ctx.dataset is not None:
             probability = empirical_bin_probability(ctx.dataset.train_images, self.bins)
@@ -133,7 +147,7 @@ class Colorization(Method):
 
     @classmethod
     def augment_recipe(cls, args) -> AugmentRecipe:
-        return AugmentRecipe(crop_scale_min=0.5, jitter_p=0.0, grayscale_p=0.0)   # colour is the target
+        return AugmentRecipe(crop_scale_min=0.5, jitter_p=0.0, grayscale_p=0.0)  # colour is the target
 
     def training_step(self, images, step, index=None):
         lab = rgb_to_lab(self.augment.unit(images))
@@ -157,7 +171,8 @@ class Colorization(Method):
         grey = lab_to_rgb(torch.cat([rgb_to_lab(rgb)[:, :1], torch.zeros_like(rgb[:, :2])], 1))
         return {"colorization": image_grid([grey, self.colourise(rgb), rgb])}
 
-    @torch.no_grad()
-    def features(self, images):
-        return self.backbone(lightness_input(rgb_to_lab(self.normalize.to_unit(images))))
+    def encoder(self) -> Encoder:
+        return Encoder(self.backbone, self.feature_dim, self.lightness)  # the network sees L only
 
+    def lightness(self, images: torch.Tensor) -> torch.Tensor:
+        return lightness_input(rgb_to_lab(self.normalize.to_unit(images)))

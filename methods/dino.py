@@ -1,4 +1,5 @@
 """DINO: Caron et al. 2021, Emerging Properties in Self-Supervised Vision Transformers."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,33 +9,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslab.methods.base import Method, MethodContext
-from sslab.methods.ema import cosine_momentum, ema_update, frozen_copy
+from sslab.methods.base import Encoder, Method, MethodContext
+from sslab.methods.ema import ema_update, frozen_copy
 from sslab.methods.heads import projection_head
 from sslab.methods.losses import embedding_std
 from sslab.platform.augment import Augment, AugmentRecipe
 from sslab.platform.config import check
+from sslab.platform.distributed import mean_over_ranks
+from sslab.platform.optim import cosine_schedule
 
 
 @dataclass
 class DINOArgs:
-    out_dim: int = check(default=4096, gt=0)                  # K prototypes (paper: 65536)
+    out_dim: int = check(default=4096, gt=0)  # K prototypes (paper: 65536)
     hidden_dim: int = check(default=2048, gt=0)
     bottleneck_dim: int = check(default=256, gt=0)
-    head_layers: int = check(default=3, ge=1)                 # MLP layers before the bottleneck
-    head_batch_norm: bool = False                             # BN in the MLP (convnets)
-    norm_last_layer: bool = True                              # fixed-norm prototypes (DINO's code)
+    head_layers: int = check(default=3, ge=1)  # MLP layers before the bottleneck
+    head_batch_norm: bool = False  # BN in the MLP (convnets)
+    norm_last_layer: bool = True  # fixed-norm prototypes (DINO's code)
     student_temp: float = check(default=0.1, gt=0)
-    teacher_temp: float = check(default=0.04, gt=0)           # after the warm-up
+    teacher_temp: float = check(default=0.04, gt=0)  # after the warm-up
     warmup_teacher_temp: float = check(default=0.04, gt=0)
-    teacher_temp_warmup: float = check(default=0.3, ge=0, le=1)   # fraction of training
+    teacher_temp_warmup: float = check(default=0.3, ge=0, le=1)  # fraction of training
     freeze_last_layer: float = check(default=0.01, ge=0, le=1)  # fraction of training (paper: 1 epoch)
     center_momentum: float = check(default=0.9, ge=0, le=1)
-    momentum_teacher: float = check(default=0.996, ge=0, le=1)    # rises to 1 (cosine)
+    momentum_teacher: float = check(default=0.996, ge=0, le=1)  # rises to 1 (cosine)
     local_crops: int = check(default=4, ge=0)
     global_crop_scale_min: float = check(default=0.4, gt=0, le=1)
     local_crop_scale_max: float = check(default=0.4, gt=0, le=1)
-    eval_on: Literal["teacher", "student"] = "teacher"        # the paper evaluates the teacher
+    eval_on: Literal["teacher", "student"] = "teacher"  # the paper evaluates the teacher
 
 
 class DINOHead(nn.Module):
@@ -42,9 +45,18 @@ class DINOHead(nn.Module):
 
     def __init__(self, in_dim: int, args: DINOArgs):
         super().__init__()
-        self.mlp = projection_head("mlp", in_dim, args.hidden_dim, args.bottleneck_dim, depth=args.head_layers,
-                                   batch_norm=args.head_batch_norm, activation=nn.GELU)
-        self.last = nn.utils.parametrizations.weight_norm(nn.Linear(args.bottleneck_dim, args.out_dim, bias=False))
+        self.mlp = projection_head(
+            "mlp",
+            in_dim,
+            args.hidden_dim,
+            args.bottleneck_dim,
+            depth=args.head_layers,
+            batch_norm=args.head_batch_norm,
+            activation=nn.GELU,
+        )
+        self.last = nn.utils.parametrizations.weight_norm(
+            nn.Linear(args.bottleneck_dim, args.out_dim, bias=False)
+        )
         self.last.parametrizations.weight.original0.data.fill_(1.0)
         self.last.parametrizations.weight.original0.requires_grad_(not args.norm_last_layer)
 
@@ -52,8 +64,13 @@ class DINOHead(nn.Module):
         return self.last(F.normalize(self.mlp(x), dim=-1))
 
 
-def dino_loss(student_out: list[torch.Tensor], teacher_out: list[torch.Tensor], center: torch.Tensor,
-              student_temp: float, teacher_temp: float) -> torch.Tensor:
+def dino_loss(
+    student_out: list[torch.Tensor],
+    teacher_out: list[torch.Tensor],
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+) -> torch.Tensor:
     """DINO eq. (1)/(3): sum over teacher global views x and student views x' != x of
     H(P_t(x), P_s(x')) = -sum P_t log P_s, with P_t = softmax((g_t - c) / tau_t) (centred,
     sharpened) and P_s = softmax(g_s / tau_s); averaged over pairs and the batch."""
@@ -62,7 +79,7 @@ def dino_loss(student_out: list[torch.Tensor], teacher_out: list[torch.Tensor], 
     total, pairs = 0.0, 0
     for i, target in enumerate(targets):
         for j, log_p in enumerate(log_probs):
-            if i == j:   # the same global view
+            if i == j:  # the same global view
                 continue
             total = total + (-target * log_p).sum(dim=-1).mean()
             pairs += 1
@@ -71,9 +88,9 @@ def dino_loss(student_out: list[torch.Tensor], teacher_out: list[torch.Tensor], 
 
 class DINO(Method):
     """Student and EMA teacher; teacher outputs centred and sharpened; multi-crop."""
+
     name = "dino"
     Args = DINOArgs
-    ddp_modules = ("backbone", "head")
 
     def __init__(self, args: DINOArgs, ctx: MethodContext):
         super().__init__(args, ctx)
@@ -82,12 +99,23 @@ class DINO(Method):
         self.register_buffer("center", torch.zeros(1, args.out_dim))
         base = ctx.augment.recipe
         global_recipe = AugmentRecipe(**{**vars(base), "crop_scale_min": args.global_crop_scale_min})
-        self.global_views = [Augment(global_recipe, ctx.image_size, ctx.normalize),
-                             Augment(AugmentRecipe(**{**vars(global_recipe), "blur_p": 0.1, "solarize_p": 0.2}),
-                                     ctx.image_size, ctx.normalize)]
-        local_recipe = AugmentRecipe(**{**vars(base), "crop_scale_min": 0.05,
-                                        "crop_scale_max": args.local_crop_scale_max, "blur_p": 0.5})
-        self.local_size = max(8, ctx.image_size * 96 // 224 // 2 * 2)   # the paper's 96/224 ratio
+        self.global_views = [
+            Augment(global_recipe, ctx.image_size, ctx.normalize),
+            Augment(
+                AugmentRecipe(**{**vars(global_recipe), "blur_p": 0.1, "solarize_p": 0.2}),
+                ctx.image_size,
+                ctx.normalize,
+            ),
+        ]
+        local_recipe = AugmentRecipe(
+            **{
+                **vars(base),
+                "crop_scale_min": 0.05,
+                "crop_scale_max": args.local_crop_scale_max,
+                "blur_p": 0.5,
+            }
+        )
+        self.local_size = max(8, ctx.image_size * 96 // 224 // 2 * 2)  # the paper's 96/224 ratio
         self.local_view = Augment(local_recipe, self.local_size, ctx.normalize)
         self._teacher_mean = None
 
@@ -96,10 +124,16 @@ class DINO(Method):
         return AugmentRecipe(jitter_strength=0.5, blur_p=1.0)
 
     def teacher_temp(self, step: int) -> float:
-        warmup = self.args.teacher_temp_warmup * self.total_steps
-        if step >= warmup:
-            return self.args.teacher_temp
-        return self.args.warmup_teacher_temp + (self.args.teacher_temp - self.args.warmup_teacher_temp) * step / warmup
+        """Linear warm-up from warmup_teacher_temp, then constant (Sec. 3.1, DINO's code)."""
+        a = self.args
+        return cosine_schedule(
+            step,
+            self.total_steps,
+            a.teacher_temp,
+            a.teacher_temp,
+            int(a.teacher_temp_warmup * self.total_steps),
+            a.warmup_teacher_temp,
+        )
 
     def training_step(self, images, step, index=None):
         globals_ = [view(images) for view in self.global_views]
@@ -110,10 +144,14 @@ class DINO(Method):
             student = student + self.head(self.backbone(torch.cat(locals_))).chunk(len(locals_))
         with torch.no_grad():
             teacher = self.teacher_head(self.teacher_backbone(torch.cat(globals_))).chunk(2)
-        loss = dino_loss(list(student), list(teacher), self.center, self.args.student_temp,
-                         self.teacher_temp(step))
+        loss = dino_loss(
+            list(student), list(teacher), self.center, self.args.student_temp, self.teacher_temp(step)
+        )
         self._teacher_mean = torch.cat(teacher).float().mean(dim=0, keepdim=True)
-        return loss, {"z_std": embedding_std(student[0]), "teacher_entropy": _entropy(teacher[0], self.center, self.teacher_temp(step))}
+        return loss, {
+            "z_std": embedding_std(student[0]),
+            "teacher_entropy": _entropy(teacher[0], self.center, self.teacher_temp(step)),
+        }
 
     def before_optimizer_step(self, step):
         # The prototypes stay fixed at first: DINO's code (`freeze_last_layer`, one epoch) does so to
@@ -124,7 +162,7 @@ class DINO(Method):
 
     @torch.no_grad()
     def on_step_end(self, step):
-        momentum = cosine_momentum(step, self.total_steps, self.args.momentum_teacher)
+        momentum = cosine_schedule(step, self.total_steps, start=self.args.momentum_teacher, end=1.0)
         ema_update(self.teacher_backbone, self.backbone, momentum)
         ema_update(self.teacher_head, self.head, momentum)
         if self._teacher_mean is not None:
@@ -134,17 +172,12 @@ class DINO(Method):
     @torch.no_grad()
     def update_center(self, batch_mean: torch.Tensor) -> None:
         """c <- m c + (1 - m) mean of the teacher outputs over the global batch (eq. 4)."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch_mean)
-            batch_mean /= dist.get_world_size()
+        batch_mean = mean_over_ranks(batch_mean)
         self.center.mul_(self.args.center_momentum).add_(batch_mean, alpha=1 - self.args.center_momentum)
 
-    @torch.no_grad()
-    def features(self, images):
+    def encoder(self) -> Encoder:
         backbone = self.teacher_backbone if self.args.eval_on == "teacher" else self.backbone
-        return backbone(self.normalize(images))
+        return Encoder(backbone, self.feature_dim, self.normalize)
 
 
 def _entropy(logits, center, temperature) -> torch.Tensor:

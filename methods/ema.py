@@ -1,8 +1,8 @@
 """Momentum (EMA) encoders and their schedules, shared by MoCo, BYOL and DINO."""
+
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
@@ -25,9 +25,3 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     evaluated with them (DINO's teacher) computes features with mismatched normalisation."""
     for t, o in zip(target.parameters(), online.parameters()):
         t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
-
-
-def cosine_momentum(step: int, total_steps: int, base: float) -> float:
-    """BYOL's schedule: tau = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2, from tau_base to 1."""
-    progress = min(1.0, step / max(1, total_steps))
-    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2

@@ -1,4 +1,5 @@
 """Projection heads shared by the contrastive and self-distillation methods."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -7,9 +8,15 @@ from functools import partial
 from torch import nn
 
 
-def projection_head(kind: str, in_dim: int, hidden_dim: int, out_dim: int, depth: int = 2,
-                    batch_norm: bool = True,
-                    activation: Callable[[], nn.Module] = partial(nn.ReLU, inplace=True)) -> nn.Module:
+def projection_head(
+    kind: str,
+    in_dim: int,
+    hidden_dim: int,
+    out_dim: int,
+    depth: int = 2,
+    batch_norm: bool = True,
+    activation: Callable[[], nn.Module] = partial(nn.ReLU, inplace=True),
+) -> nn.Module:
     """none: identity; linear: one layer; mlp: `depth` layers with BN + `activation` between them."""
     if kind == "none":
         return nn.Identity()

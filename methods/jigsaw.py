@@ -1,5 +1,6 @@
 """Jigsaw puzzles: Noroozi & Favaro 2016, Unsupervised Learning of Visual Representations by
 Solving Jigsaw Puzzles."""
+
 from __future__ import annotations
 
 import functools
@@ -36,31 +37,35 @@ def maximal_hamming_permutations(count: int, tiles: int = 9, seed: int = 0) -> t
 
 def _all_permutations(n: int) -> list[tuple[int, ...]]:
     import itertools
+
     return list(itertools.permutations(range(n)))
 
 
 @dataclass
 class JigsawArgs:
-    permutations: int = check(default=100, ge=2, le=1000)   # the paper's best: 1000 (Table 3)
+    permutations: int = check(default=100, ge=2, le=1000)  # the paper's best: 1000 (Table 3)
     tile_fraction: float = check(default=0.75, gt=0, le=1)  # tile side / cell side (64/75 in the paper)
-    min_gap: int = check(default=1, ge=0)                    # pixels between neighbouring tiles
-    tile_dim: int = check(default=128, gt=0)                 # per-tile embedding ("fc7")
+    min_gap: int = check(default=1, ge=0)  # pixels between neighbouring tiles
+    tile_dim: int = check(default=128, gt=0)  # per-tile embedding ("fc7")
     hidden_dim: int = check(default=512, gt=0)
 
 
 class Jigsaw(Method):
     """Nine tiles, shuffled by one permutation of a fixed set, pass one shared encoder; their
     concatenated embeddings classify which permutation it was (cross-entropy)."""
+
     name = "jigsaw"
     Args = JigsawArgs
-    ddp_modules = ("backbone", "tile_head", "classifier")
 
     def __init__(self, args: JigsawArgs, ctx: MethodContext):
         super().__init__(args, ctx)
         self.register_buffer("permutation_set", maximal_hamming_permutations(args.permutations).clone())
         self.tile_head = nn.Sequential(nn.Linear(ctx.feature_dim, args.tile_dim), nn.ReLU(inplace=True))
-        self.classifier = nn.Sequential(nn.Linear(9 * args.tile_dim, args.hidden_dim), nn.ReLU(inplace=True),
-                                        nn.Linear(args.hidden_dim, args.permutations))
+        self.classifier = nn.Sequential(
+            nn.Linear(9 * args.tile_dim, args.hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(args.hidden_dim, args.permutations),
+        )
 
     @classmethod
     def augment_recipe(cls, args) -> AugmentRecipe:
@@ -76,7 +81,9 @@ class Jigsaw(Method):
         a = self.args
         tiles = grid_tiles(self.augment(images), 3, a.tile_fraction, a.min_gap)
         # Each tile normalised on its own (Noroozi & Favaro, Sec. 3.3): no low-level statistics shortcut.
-        tiles = (tiles - tiles.mean(dim=(2, 3, 4), keepdim=True)) / (tiles.std(dim=(2, 3, 4), keepdim=True) + 1e-5)
+        tiles = (tiles - tiles.mean(dim=(2, 3, 4), keepdim=True)) / (
+            tiles.std(dim=(2, 3, 4), keepdim=True) + 1e-5
+        )
         puzzles, labels = self.shuffle(tiles)
         n, t = puzzles.shape[:2]
         embedded = self.tile_head(self.backbone(puzzles.flatten(0, 1))).view(n, -1)

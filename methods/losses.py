@@ -1,19 +1,11 @@
 """Losses shared across methods, each with the paper and equation it implements."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenates `x` from every DDP rank, keeping gradients (negatives span the global batch)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+from sslab.platform.distributed import gather_with_grad, global_index
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -24,24 +16,26 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     ranks (DDP's gradient average) is the mean over all global anchors.
     """
     z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
-    local = torch.cat([z1, z2])                                   # [2n, d] anchors
-    import torch.distributed as dist
-
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    local = torch.cat([z1, z2])  # [2n, d] anchors
     g1, g2 = gather_with_grad(z1), gather_with_grad(z2)
-    candidates = torch.cat([g1, g2])                              # [2N, d]
+    candidates = torch.cat([g1, g2])  # [2N, d]
     n, big_n = len(z1), len(g1)
-    own = torch.arange(n, device=z1.device) + rank * n            # this rank's rows in g1 / g2
-    self_index = torch.cat([own, own + big_n])                    # anchor k is candidate self_index[k]
-    positive_index = torch.cat([own + big_n, own])                # its other view
+    own = global_index(n, z1.device)  # this rank's rows in g1 / g2
+    self_index = torch.cat([own, own + big_n])  # anchor k is candidate self_index[k]
+    positive_index = torch.cat([own + big_n, own])  # its other view
     logits = local @ candidates.T / temperature
-    logits[torch.arange(2 * n), self_index] = float("-inf")       # 1[k != i] in the denominator
+    logits[torch.arange(2 * n), self_index] = float("-inf")  # 1[k != i] in the denominator
     return F.cross_entropy(logits, positive_index)
 
 
-def info_nce_with_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor,
-                        temperature: float, batch_keys: torch.Tensor | None = None,
-                        own_index: torch.Tensor | None = None) -> torch.Tensor:
+def info_nce_with_queue(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    queue: torch.Tensor,
+    temperature: float,
+    batch_keys: torch.Tensor | None = None,
+    own_index: torch.Tensor | None = None,
+) -> torch.Tensor:
     """MoCo (He et al. 2020) eq. (1): -log exp(q.k+/t) / (exp(q.k+/t) + sum_queue exp(q.k/t)).
     q, k: [N, d] L2-normalised; queue: [K, d] L2-normalised negatives. With `batch_keys`
     [M, d], the batch's keys are negatives too, except each query's own (at `own_index`)."""
@@ -64,14 +58,3 @@ def embedding_std(z: torch.Tensor) -> torch.Tensor:
     """Collapse monitor (SimSiam, Chen & He 2021, Sec. 4.1): mean per-dimension std of the
     L2-normalised embeddings: ~1/sqrt(d) when spread out, 0 when collapsed to a point."""
     return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
-
-
-@torch.no_grad()
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)

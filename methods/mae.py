@@ -1,4 +1,5 @@
 """MAE: He et al. 2022, Masked Autoencoders Are Scalable Vision Learners."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +12,9 @@ from sslab.platform.augment import AugmentRecipe
 from sslab.platform.config import check
 
 
-def random_masking(n: int, length: int, ratio: float, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_masking(
+    n: int, length: int, ratio: float, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample random masking by sorting noise (MAE Sec. 3): exactly length - int(length *
     (1 - ratio)) patches masked in every sample. Returns (indices kept [n, keep], mask [n, length]
     with 1 = masked, restore [n, length]: argsort that undoes the shuffle)."""
@@ -32,13 +35,14 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
 
 def unpatchify(patches: torch.Tensor, patch: int, channels: int = 3) -> torch.Tensor:
     n, length, _ = patches.shape
-    side = int(round(length ** 0.5))
+    side = int(round(length**0.5))
     x = patches.reshape(n, side, side, patch, patch, channels)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(n, channels, side * patch, side * patch)
 
 
-def masked_patch_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                     normalise_target: bool) -> torch.Tensor:
+def masked_patch_mse(
+    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, normalise_target: bool
+) -> torch.Tensor:
     """MSE per patch, averaged over the masked patches only (MAE Sec. 3 'Reconstruction target');
     with `normalise_target`, each target patch is standardised by its own mean and variance."""
     if normalise_target:
@@ -51,18 +55,20 @@ def masked_patch_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch
 @dataclass
 class MAEArgs:
     mask_ratio: float = check(default=0.75, ge=0.05, le=0.95)
-    norm_pix_loss: bool = True            # per-patch normalised targets (the paper's default)
+    norm_pix_loss: bool = True  # per-patch normalised targets (the paper's default)
     decoder_dim: int = check(default=128, gt=0)
-    decoder_depth: int = check(default=2, ge=1)   # the paper: 8 blocks, but 1 already fine-tunes as well (Table 1a)
+    decoder_depth: int = check(
+        default=2, ge=1
+    )  # the paper: 8 blocks, but 1 already fine-tunes as well (Table 1a)
     decoder_heads: int = check(default=4, ge=1)
 
 
 class MAE(Method):
     """The ViT encoder sees only the visible patches; a light decoder, given mask tokens at the
     masked positions, reconstructs their pixels."""
+
     name = "mae"
     Args = MAEArgs
-    ddp_modules = ("backbone", "decoder")
     backbones = ("vit_tiny", "vit_small")
 
     def __init__(self, args: MAEArgs, ctx: MethodContext):
@@ -72,11 +78,16 @@ class MAE(Method):
         vit = ctx.backbone
         self.patch = vit.patch_embed.patch_size[0]
         length = (ctx.image_size // self.patch) ** 2
-        self.decoder = nn.ModuleDict({
-            "embed": nn.Linear(ctx.feature_dim, args.decoder_dim),
-            "blocks": nn.Sequential(*[Block(args.decoder_dim, args.decoder_heads) for _ in range(args.decoder_depth)]),
-            "norm": nn.LayerNorm(args.decoder_dim),
-            "predict": nn.Linear(args.decoder_dim, self.patch ** 2 * 3)})
+        self.decoder = nn.ModuleDict(
+            {
+                "embed": nn.Linear(ctx.feature_dim, args.decoder_dim),
+                "blocks": nn.Sequential(
+                    *[Block(args.decoder_dim, args.decoder_heads) for _ in range(args.decoder_depth)]
+                ),
+                "norm": nn.LayerNorm(args.decoder_dim),
+                "predict": nn.Linear(args.decoder_dim, self.patch**2 * 3),
+            }
+        )
         self.mask_token = nn.Parameter(torch.zeros(1, 1, args.decoder_dim))
         self.decoder_pos = nn.Parameter(torch.zeros(1, vit.num_prefix_tokens + length, args.decoder_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -84,13 +95,15 @@ class MAE(Method):
 
     @classmethod
     def augment_recipe(cls, args) -> AugmentRecipe:
-        return AugmentRecipe(crop_scale_min=0.2, jitter_p=0.0, grayscale_p=0.0)   # crop and flip only (Sec. A.1)
+        return AugmentRecipe(
+            crop_scale_min=0.2, jitter_p=0.0, grayscale_p=0.0
+        )  # crop and flip only (Sec. A.1)
 
     def encode_visible(self, x: torch.Tensor, ratio: float):
         """Embeds all patches (with positions), keeps the unmasked ones, runs the encoder on them."""
         vit = self.backbone
-        tokens = vit._pos_embed(vit.patch_embed(x))          # [N, prefix + L, C], positions added
-        prefix, patches = tokens[:, :vit.num_prefix_tokens], tokens[:, vit.num_prefix_tokens:]
+        tokens = vit._pos_embed(vit.patch_embed(x))  # [N, prefix + L, C], positions added
+        prefix, patches = tokens[:, : vit.num_prefix_tokens], tokens[:, vit.num_prefix_tokens :]
         kept, mask, restore = random_masking(len(x), patches.shape[1], ratio, x.device)
         visible = torch.gather(patches, 1, kept[..., None].expand(-1, -1, patches.shape[-1]))
         encoded = vit.norm(vit.blocks(vit.norm_pre(torch.cat([prefix, visible], dim=1))))
@@ -118,10 +131,12 @@ class MAE(Method):
         x = self.normalize(data.test_images[:8].to(self.mask_token.device))
         encoded, mask, restore = self.encode_visible(x, self.args.mask_ratio)
         prediction, target = self.decode(encoded, restore), patchify(x, self.patch)
-        if self.args.norm_pix_loss:   # back to pixels with each target patch's own statistics
-            prediction = prediction * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+        if self.args.norm_pix_loss:  # back to pixels with each target patch's own statistics
+            prediction = prediction * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(
+                -1, keepdim=True
+            )
         keep = (1 - mask)[..., None]
         masked_input = unpatchify(target * keep, self.patch)
         pasted = unpatchify(target * keep + prediction * (1 - keep), self.patch)
-        rows = [masked_input, pasted, x]   # masked input, reconstruction with visible patches, original
+        rows = [masked_input, pasted, x]  # masked input, reconstruction with visible patches, original
         return {"reconstruction": image_grid([self.normalize.invert(r) for r in rows])}

@@ -1,34 +1,35 @@
 """MoCo: He et al. 2020, Momentum Contrast for Unsupervised Visual Representation Learning (v1);
 Chen et al. 2020, Improved Baselines with Momentum Contrastive Learning (v2)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from sslab.methods.base import Method, MethodContext
 from sslab.methods.ema import ema_update, frozen_copy
 from sslab.methods.heads import projection_head
-from sslab.methods.losses import embedding_std, gather_no_grad, info_nce_with_queue
+from sslab.methods.losses import embedding_std, info_nce_with_queue
 from sslab.platform.augment import AugmentRecipe
 from sslab.platform.config import check
+from sslab.platform.distributed import broadcast, gather_no_grad, global_index, is_distributed
 
 
 @dataclass
 class MoCoV2Args:
     temperature: float = check(default=0.2, gt=0)
-    momentum: float = check(default=0.99, ge=0, le=1)        # key encoder EMA (paper: 0.999)
-    queue_size: int = check(default=4096, gt=0)              # K, independent of the batch size
+    momentum: float = check(default=0.99, ge=0, le=1)  # key encoder EMA (paper: 0.999)
+    queue_size: int = check(default=4096, gt=0)  # K, independent of the batch size
     proj_hidden_dim: int = check(default=2048, gt=0)
     proj_dim: int = check(default=128, gt=0)
-    head_batch_norm: bool = False        # MoCo v2's MLP has none; BN centres the embeddings
+    head_batch_norm: bool = False  # MoCo v2's MLP has none; BN centres the embeddings
     # The batch's own keys are negatives at once (not only from the next step on, via the
     # queue): with few steps or a still-empty queue, nothing else keeps embeddings apart.
     batch_negatives: bool = True
-    shuffle_bn: bool = True              # shuffle keys across DDP ranks (or, on one worker,
-    shuffle_bn_groups: int = check(default=4, ge=1)   # across this many key sub-batches)
+    shuffle_bn: bool = True  # shuffle keys across DDP ranks (or, on one worker,
+    shuffle_bn_groups: int = check(default=4, ge=1)  # across this many key sub-batches)
 
 
 @dataclass
@@ -38,15 +39,20 @@ class MoCoV1Args(MoCoV2Args):
 
 class MoCoV2(Method):
     """Query encoder by gradient, key encoder by EMA, a FIFO queue of keys as negatives."""
+
     name = "moco_v2"
     Args = MoCoV2Args
-    ddp_modules = ("backbone", "head")
     head_kind = "mlp"
 
     def __init__(self, args, ctx: MethodContext):
         super().__init__(args, ctx)
-        self.head = projection_head(self.head_kind, ctx.feature_dim, args.proj_hidden_dim,
-                                    args.proj_dim, batch_norm=args.head_batch_norm)
+        self.head = projection_head(
+            self.head_kind,
+            ctx.feature_dim,
+            args.proj_hidden_dim,
+            args.proj_dim,
+            batch_norm=args.head_batch_norm,
+        )
         self.key_backbone, self.key_head = frozen_copy(self.backbone), frozen_copy(self.head)
         self.register_buffer("queue", torch.zeros(args.queue_size, args.proj_dim))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -67,8 +73,7 @@ class MoCoV2(Method):
         # so a resumed run sees the same queue): the paper's random initial queue lets the
         # first steps pull every embedding together unopposed.
         filled = min(len(self.queue), step * len(all_keys))
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        own = torch.arange(len(k), device=k.device) + rank * len(k)
+        own = global_index(len(k), k.device)
         batch = all_keys if self.args.batch_negatives or filled == 0 else None
         loss = info_nce_with_queue(q, k, self.queue[:filled].clone(), self.args.temperature, batch, own)
         self._keys = all_keys
@@ -78,24 +83,23 @@ class MoCoV2(Method):
         """Key encoder; the keys are shuffled across BN batches so that batch statistics do not
         leak which key is the positive (MoCo Sec. 3.3, shuffling BN): across DDP ranks, or on
         one worker across `shuffle_bn_groups` sub-batches, each normalised on its own."""
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if not self.args.shuffle_bn:
             return self.key_head(self.key_backbone(x))
-        if world == 1:
+        if not is_distributed():
             return self._grouped_key_forward(x)
         everything = gather_no_grad(x)
-        perm = torch.randperm(len(everything), device=x.device)
-        dist.broadcast(perm, src=0)
-        rank, n = dist.get_rank(), len(x)
-        mine = perm[rank * n:(rank + 1) * n]
+        perm = broadcast(torch.randperm(len(everything), device=x.device))
+        mine = perm[global_index(len(x), x.device)]
         keys = gather_no_grad(self.key_head(self.key_backbone(everything[mine])))
         unshuffled = torch.empty_like(keys)
         unshuffled[perm] = keys
-        return unshuffled[rank * n:(rank + 1) * n]
+        return unshuffled[global_index(len(x), x.device)]
 
     def _grouped_key_forward(self, x):
         perm = torch.randperm(len(x), device=x.device)
-        groups = [self.key_head(self.key_backbone(chunk)) for chunk in x[perm].chunk(self.args.shuffle_bn_groups)]
+        groups = [
+            self.key_head(self.key_backbone(chunk)) for chunk in x[perm].chunk(self.args.shuffle_bn_groups)
+        ]
         keys = torch.empty_like(torch.cat(groups))
         keys[perm] = torch.cat(groups)
         return keys
@@ -105,7 +109,7 @@ class MoCoV2(Method):
         ema_update(self.key_backbone, self.backbone, self.args.momentum)
         ema_update(self.key_head, self.head, self.args.momentum)
         if self._keys is not None:
-            self.enqueue(self._keys)   # already gathered from every rank
+            self.enqueue(self._keys)  # already gathered from every rank
             self._keys = None
 
     @torch.no_grad()
@@ -120,6 +124,7 @@ class MoCoV2(Method):
 
 class MoCoV1(MoCoV2):
     """MoCo v1: linear head, temperature 0.07, no blur."""
+
     name = "moco_v1"
     Args = MoCoV1Args
     head_kind = "linear"

@@ -1,4 +1,5 @@
 """An explicit name -> Method class table: adding a method is one import and one line here."""
+
 from __future__ import annotations
 
 from sslab.methods.base import Method
@@ -15,10 +16,24 @@ from sslab.methods.rotation import Rotation
 from sslab.methods.simclr import SimCLR
 from sslab.methods.split_brain import SplitBrain
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
-    SimCLR, MoCoV1, MoCoV2, BYOL, DINO, CLIP,                       # contrastive, self-distillation
-    Rotation, Jigsaw, RelativePatch, ContextEncoder, Colorization, SplitBrain,   # pretext tasks
-    MAE)}                                                           # masked image modelling
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls
+    for cls in (
+        SimCLR,
+        MoCoV1,
+        MoCoV2,
+        BYOL,
+        DINO,
+        CLIP,  # contrastive, self-distillation
+        Rotation,
+        Jigsaw,
+        RelativePatch,
+        ContextEncoder,
+        Colorization,
+        SplitBrain,  # pretext tasks
+        MAE,
+    )
+}  # masked image modelling
 
 
 def get_method_class(name: str) -> type[Method]:

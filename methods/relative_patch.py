@@ -1,5 +1,6 @@
 """Relative patch location: Doersch et al. 2015, Unsupervised Visual Representation Learning by
 Context Prediction."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from sslab.platform.augment import AugmentRecipe
 from sslab.platform.config import check
 
 CENTRE = 4
-NEIGHBOURS = (0, 1, 2, 3, 5, 6, 7, 8)   # grid cells (row-major) of labels 0..7, the centre skipped
+NEIGHBOURS = (0, 1, 2, 3, 5, 6, 7, 8)  # grid cells (row-major) of labels 0..7, the centre skipped
 
 
 def drop_colour(patches: torch.Tensor, noise_std: float = 0.01) -> torch.Tensor:
@@ -28,24 +29,27 @@ def drop_colour(patches: torch.Tensor, noise_std: float = 0.01) -> torch.Tensor:
 @dataclass
 class RelativePatchArgs:
     tile_fraction: float = check(default=0.75, gt=0, le=1)
-    min_gap: int = check(default=1, ge=0)          # the paper: about half a patch at 96 px
+    min_gap: int = check(default=1, ge=0)  # the paper: about half a patch at 96 px
     color_dropping: bool = True
-    pair_dim: int = check(default=256, gt=0)       # per-patch embedding ("fc6")
+    pair_dim: int = check(default=256, gt=0)  # per-patch embedding ("fc6")
     hidden_dim: int = check(default=512, gt=0)
 
 
 class RelativePatch(Method):
     """The centre patch and one of its 8 neighbours, through one shared encoder; an 8-way
     classifier on their concatenated embeddings names where the neighbour was."""
+
     name = "relative_patch"
     Args = RelativePatchArgs
-    ddp_modules = ("backbone", "patch_head", "classifier")
 
     def __init__(self, args: RelativePatchArgs, ctx: MethodContext):
         super().__init__(args, ctx)
         self.patch_head = nn.Sequential(nn.Linear(ctx.feature_dim, args.pair_dim), nn.ReLU(inplace=True))
-        self.classifier = nn.Sequential(nn.Linear(2 * args.pair_dim, args.hidden_dim), nn.ReLU(inplace=True),
-                                        nn.Linear(args.hidden_dim, len(NEIGHBOURS)))
+        self.classifier = nn.Sequential(
+            nn.Linear(2 * args.pair_dim, args.hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(args.hidden_dim, len(NEIGHBOURS)),
+        )
         self.register_buffer("neighbour_cells", torch.tensor(NEIGHBOURS), persistent=False)
 
     @classmethod

@@ -1,5 +1,6 @@
 """Rotation prediction: Gidaris et al. 2018, Unsupervised Representation Learning by Predicting
 Image Rotations."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,16 +24,16 @@ def rotate_all(images: torch.Tensor, rotations: int = 4) -> tuple[torch.Tensor, 
 
 @dataclass
 class RotationArgs:
-    rotations: int = check(default=4, ge=2, le=4)   # multiples of 90 degrees
+    rotations: int = check(default=4, ge=2, le=4)  # multiples of 90 degrees
     head_hidden_dim: int = check(default=512, gt=0)
 
 
 class Rotation(Method):
     """The K-way classifier F sees g(X|y) for every rotation y; loss -1/K sum_y log F_y(g(X|y))
     (Gidaris et al., eq. 2), averaged over the batch."""
+
     name = "rotation"
     Args = RotationArgs
-    ddp_modules = ("backbone", "classifier")
 
     def __init__(self, args: RotationArgs, ctx: MethodContext):
         super().__init__(args, ctx)

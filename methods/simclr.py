@@ -1,4 +1,5 @@
 """SimCLR: Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,8 +7,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from sslab.methods.base import Method, MethodContext
+from sslab.methods.base import Encoder, Method, MethodContext
 from sslab.methods.heads import projection_head
 from sslab.methods.losses import embedding_std, nt_xent
 from sslab.platform.config import check
@@ -17,22 +19,23 @@ from sslab.platform.config import check
 class SimCLRArgs:
     temperature: float = check(default=0.5, gt=0)
     projection: Literal["none", "linear", "mlp"] = "mlp"
-    proj_depth: int = check(default=2, ge=2)        # layers of the MLP head (SimCLR v1: 2)
+    proj_depth: int = check(default=2, ge=2)  # layers of the MLP head (SimCLR v1: 2)
     proj_hidden_dim: int = check(default=512, gt=0)
     proj_dim: int = check(default=128, gt=0)
-    eval_on: Literal["h", "z"] = "h"                # backbone output h or head output z (Sec. 4.2)
+    eval_on: Literal["h", "z"] = "h"  # backbone output h or head output z (Sec. 4.2)
 
 
 class SimCLR(Method):
     """Two augmented views per image; NT-Xent between their projections, eq. (1)."""
+
     name = "simclr"
     Args = SimCLRArgs
-    ddp_modules = ("backbone", "head")
 
     def __init__(self, args: SimCLRArgs, ctx: MethodContext):
         super().__init__(args, ctx)
-        self.head = projection_head(args.projection, ctx.feature_dim, args.proj_hidden_dim,
-                                    args.proj_dim, depth=args.proj_depth)
+        self.head = projection_head(
+            args.projection, ctx.feature_dim, args.proj_hidden_dim, args.proj_dim, depth=args.proj_depth
+        )
 
     def training_step(self, images, step, index=None):
         v1, v2 = self.augment(images), self.augment(images)
@@ -42,7 +45,8 @@ class SimCLR(Method):
         pos_sim = F.cosine_similarity(z1.detach().float(), z2.detach().float()).mean()
         return loss, {"pos_sim": pos_sim, "z_std": embedding_std(z)}
 
-    @torch.no_grad()
-    def features(self, images):
-        h = self.backbone(self.normalize(images))
-        return self.head(h) if self.args.eval_on == "z" else h
+    def encoder(self) -> Encoder:
+        if self.args.eval_on == "h":
+            return super().encoder()
+        dim = self.feature_dim if self.args.projection == "none" else self.args.proj_dim
+        return Encoder(nn.Sequential(self.backbone, self.head), dim, self.normalize)  # z (Sec. 4.2)

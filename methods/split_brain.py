@@ -1,5 +1,6 @@
 """Split-brain autoencoder: Zhang, Isola & Efros 2017, Split-Brain Autoencoders: Unsupervised
 Learning by Cross-Channel Prediction."""
+
 from __future__ import annotations
 
 import copy
@@ -9,8 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslab.methods.base import Method, MethodContext
-from sslab.methods.colorization import ab_bins, dense_head, dense_logits, lightness_input, nearest_bin, rgb_to_lab
+from sslab.methods.base import Encoder, Method, MethodContext
+from sslab.methods.colorization import (
+    ab_bins,
+    dense_head,
+    dense_logits,
+    lightness_input,
+    nearest_bin,
+    rgb_to_lab,
+)
 from sslab.platform.augment import AugmentRecipe
 from sslab.platform.config import check
 
@@ -37,8 +45,8 @@ def fresh_copy(module: nn.Module) -> nn.Module:
 
 @dataclass
 class SplitBrainArgs:
-    grid: int = check(default=10, gt=0)               # ab bins for L -> ab
-    lightness_bins: int = check(default=50, ge=2)     # L classes for ab -> L (the paper: 50)
+    grid: int = check(default=10, gt=0)  # ab bins for L -> ab
+    lightness_bins: int = check(default=50, ge=2)  # L classes for ab -> L (the paper: 50)
     output_stride: int = check(default=2, ge=1)
 
 
@@ -46,16 +54,16 @@ class SplitBrain(Method):
     """Two networks split the channels: one predicts ab from L, the other L from ab, each as a
     per-pixel classification (cross-entropy, the paper's better loss, Sec. 3.2). Evaluation uses
     both: their pooled features concatenated."""
+
     name = "split_brain"
     Args = SplitBrainArgs
-    ddp_modules = ("backbone", "ab_backbone", "ab_head", "l_head")
 
     def __init__(self, args: SplitBrainArgs, ctx: MethodContext):
         super().__init__(args, ctx)
-        self.ab_backbone = fresh_copy(ctx.backbone)     # the ab -> L half
+        self.ab_backbone = fresh_copy(ctx.backbone)  # the ab -> L half
         self.register_buffer("bins", ab_bins(args.grid).clone())
-        self.ab_head = dense_head(ctx.feature_dim, len(self.bins))          # L -> ab
-        self.l_head = dense_head(ctx.feature_dim, args.lightness_bins)      # ab -> L
+        self.ab_head = dense_head(ctx.feature_dim, len(self.bins))  # L -> ab
+        self.l_head = dense_head(ctx.feature_dim, args.lightness_bins)  # ab -> L
         self.target_size = ctx.image_size // args.output_stride
 
     @classmethod
@@ -72,7 +80,20 @@ class SplitBrain(Method):
         l_loss = F.cross_entropy(l_logits.float(), lightness_bins(target, self.args.lightness_bins))
         return ab_loss + l_loss, {"ab_loss": ab_loss.detach(), "l_loss": l_loss.detach()}
 
-    @torch.no_grad()
-    def features(self, images):
-        lab = rgb_to_lab(self.normalize.to_unit(images))
-        return torch.cat([self.backbone(lightness_input(lab)), self.ab_backbone(ab_input(lab))], dim=1)
+    def encoder(self) -> Encoder:
+        return Encoder(
+            BothHalves(self.backbone, self.ab_backbone),
+            2 * self.feature_dim,
+            lambda images: rgb_to_lab(self.normalize.to_unit(images)),
+        )
+
+
+class BothHalves(nn.Module):
+    """Lab images -> the L network's and the ab network's pooled features, concatenated (Sec. 3.3)."""
+
+    def __init__(self, l_network: nn.Module, ab_network: nn.Module):
+        super().__init__()
+        self.l_network, self.ab_network = l_network, ab_network
+
+    def forward(self, lab: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.l_network(lightness_input(lab)), self.ab_network(ab_input(lab))], dim=1)

@@ -3,6 +3,7 @@
 Built on kornia.augmentation: every op draws its parameters per sample (a batch-wide crop would
 not be SimCLR's augmentation), runs on whatever device the batch is on, and needs no DataLoader.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,13 +18,14 @@ from sslab.platform.config import AugmentConfig
 @dataclass
 class AugmentRecipe:
     """One view's augmentation; defaults are SimCLR's CIFAR-10 recipe (Chen et al. 2020, App. B.9)."""
+
     crop_scale_min: float = 0.08
     crop_scale_max: float = 1.0
     flip_p: float = 0.5
-    jitter_strength: float = 0.5      # s: brightness/contrast/saturation 0.8s, hue 0.2s
+    jitter_strength: float = 0.5  # s: brightness/contrast/saturation 0.8s, hue 0.2s
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
-    blur_p: float = 0.0               # SimCLR drops blur on CIFAR-10's 32x32 images
+    blur_p: float = 0.0  # SimCLR drops blur on CIFAR-10's 32x32 images
     solarize_p: float = 0.0
 
     def with_overrides(self, overrides: AugmentConfig) -> "AugmentRecipe":
@@ -37,6 +39,11 @@ def channel_stats(images: torch.Tensor, max_images: int = 10_000) -> tuple[list[
     return sample.mean(dim=(0, 2, 3)).tolist(), sample.std(dim=(0, 2, 3)).tolist()
 
 
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [0, 1]; float images pass as they are."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images
+
+
 class Normalize(nn.Module):
     """uint8 [N, 3, H, W] -> normalised float, the input every backbone sees."""
 
@@ -47,7 +54,7 @@ class Normalize(nn.Module):
         self.channels_last = channels_last
 
     def to_unit(self, images: torch.Tensor) -> torch.Tensor:
-        return images.float().div_(255) if images.dtype == torch.uint8 else images
+        return to_unit(images)
 
     def invert(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images -> [0, 1] RGB (unclamped), e.g. to show reconstructions."""
@@ -61,13 +68,15 @@ class Normalize(nn.Module):
 class Augment(nn.Module):
     """uint8 batch -> one augmented, normalised view per image (fresh random parameters per call)."""
 
-    def __init__(self, recipe: AugmentRecipe, size: int, normalize: Normalize):
+    def __init__(self, recipe: AugmentRecipe, size: int, normalize: Normalize | None):
         super().__init__()
         import kornia.augmentation as K
 
         s = recipe.jitter_strength
-        ops = [K.RandomResizedCrop((size, size), scale=(recipe.crop_scale_min, recipe.crop_scale_max)),
-               K.RandomHorizontalFlip(p=recipe.flip_p)]
+        ops = [
+            K.RandomResizedCrop((size, size), scale=(recipe.crop_scale_min, recipe.crop_scale_max)),
+            K.RandomHorizontalFlip(p=recipe.flip_p),
+        ]
         if recipe.jitter_p > 0 and s > 0:
             ops.append(K.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5), p=recipe.jitter_p))
         if recipe.grayscale_p > 0:
@@ -86,4 +95,4 @@ class Augment(nn.Module):
 
     def unit(self, images: torch.Tensor) -> torch.Tensor:
         """The augmented view in [0, 1] RGB, not normalised (for colour-space pretext tasks)."""
-        return self.ops(self.normalize.to_unit(images))
+        return self.ops(to_unit(images))

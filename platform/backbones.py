@@ -2,14 +2,17 @@
 ViT-Tiny/Small from timm, whose ViT exposes patch_embed / blocks / norm for MAE and DINO.
 Every backbone maps normalised images [N, 3, H, W] to features [N, dim].
 """
+
 from __future__ import annotations
 
 from torch import nn
 
 from sslab.platform.config import BackboneConfig
 
-VIT_SIZES = {"vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
-             "vit_small": dict(embed_dim=384, depth=12, num_heads=6)}
+VIT_SIZES = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+}
 
 
 def build_backbone(cfg: BackboneConfig, image_size: int) -> tuple[nn.Module, int]:
@@ -23,14 +26,21 @@ def _resnet(cfg: BackboneConfig) -> tuple[nn.Module, int]:
     """torchvision's BasicBlock/Bottleneck stacked as in torchvision's ResNet, widths scaled."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
-    block, depths = {"resnet18": (BasicBlock, (2, 2, 2, 2)),
-                     "resnet50": (Bottleneck, (3, 4, 6, 3))}[cfg.name]
+    block, depths = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}[cfg.name]
     widths = [max(8, round(c * cfg.width)) for c in (64, 128, 256, 512)]
     if cfg.cifar_stem:  # CIFAR variant (SimCLR App. B.9): 3x3 stride-1 conv, no max-pool
-        stem = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
+        stem = [
+            nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        ]
     else:
-        stem = [nn.Conv2d(3, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0]),
-                nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+        stem = [
+            nn.Conv2d(3, widths[0], 7, 2, 3, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        ]
     layers, channels = list(stem), widths[0]
     for stage, (width, depth) in enumerate(zip(widths, depths)):
         for i in range(depth):
@@ -38,7 +48,9 @@ def _resnet(cfg: BackboneConfig) -> tuple[nn.Module, int]:
             out = width * block.expansion
             downsample = None
             if stride != 1 or channels != out:
-                downsample = nn.Sequential(nn.Conv2d(channels, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+                downsample = nn.Sequential(
+                    nn.Conv2d(channels, out, 1, stride, bias=False), nn.BatchNorm2d(out)
+                )
             layers.append(block(channels, width, stride, downsample))
             channels = out
     net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -59,18 +71,26 @@ def _vit(cfg: BackboneConfig, image_size: int) -> tuple[nn.Module, int]:
     from timm.models.vision_transformer import VisionTransformer
 
     size = dict(VIT_SIZES[cfg.name])
-    size["embed_dim"] = max(size["num_heads"], round(size["embed_dim"] * cfg.width / size["num_heads"]) * size["num_heads"])
-    net = VisionTransformer(img_size=image_size, patch_size=cfg.patch_size, num_classes=0,
-                            global_pool="token", dynamic_img_size=True, **size)   # any crop size (multi-crop)
+    size["embed_dim"] = max(
+        size["num_heads"], round(size["embed_dim"] * cfg.width / size["num_heads"]) * size["num_heads"]
+    )
+    net = VisionTransformer(
+        img_size=image_size,
+        patch_size=cfg.patch_size,
+        num_classes=0,
+        global_pool="token",
+        dynamic_img_size=True,
+        **size,
+    )  # any crop size (multi-crop)
     return net, net.num_features
 
 
 def spatial_features(backbone: nn.Module, x):
     """The backbone's last feature map [N, C, h, w] before pooling, for dense pretext tasks
     (colorization, split-brain): a ResNet's last stage, or a ViT's patch tokens as a grid."""
-    if hasattr(backbone, "forward_features"):      # timm ViT
-        tokens = backbone.forward_features(x)[:, backbone.num_prefix_tokens:]
+    if hasattr(backbone, "forward_features"):  # timm ViT
+        tokens = backbone.forward_features(x)[:, backbone.num_prefix_tokens :]
         n, length, c = tokens.shape
-        side = int(round(length ** 0.5))
+        side = int(round(length**0.5))
         return tokens.transpose(1, 2).reshape(n, c, side, length // side)
-    return backbone[:-2](x)                         # drop AdaptiveAvgPool2d and Flatten
+    return backbone[:-2](x)  # drop AdaptiveAvgPool2d and Flatten

@@ -8,6 +8,7 @@ The same method, model, batch and optimiser in all three; only where the views c
 differs. Prints the ratios and writes everything to a JSON file. Needs torch alone (no Ray,
 no MLflow), so it runs on a bare GPU machine too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,8 @@ from torch import nn
 
 from sslab.platform.config import build_study
 from sslab.platform.data import load_dataset
-from sslab.platform.train import build_method, build_optimizer, train_step
+from sslab.platform.optim import build_optimizer
+from sslab.platform.train import build_method, train_step
 
 
 class ViewFeed(nn.Module):
@@ -37,12 +39,27 @@ class ViewFeed(nn.Module):
 
 
 def _study(args) -> dict:
-    return {"name": "bench", "method": args.method,
-            "data": {"name": args.data, "root": args.root, "subset": args.images,
-                     "train_size": args.images, "test_size": 16, "image_size": 32},
-            "backbone": {"name": args.backbone, "width": args.width},
-            "train": {"batch_size": args.batch_size, "amp": args.amp, "channels_last": args.channels_last,
-                      "compile": args.compile, "lr": 0.1, "use_gpu": args.device == "cuda"}}
+    return {
+        "name": "bench",
+        "method": args.method,
+        "data": {
+            "name": args.data,
+            "root": args.root,
+            "subset": args.images,
+            "train_size": args.images,
+            "test_size": 16,
+            "image_size": 32,
+        },
+        "backbone": {"name": args.backbone, "width": args.width},
+        "train": {
+            "batch_size": args.batch_size,
+            "amp": args.amp,
+            "channels_last": args.channels_last,
+            "compile": args.compile,
+            "lr": 0.1,
+            "use_gpu": args.device == "cuda",
+        },
+    }
 
 
 def _sync(device):
@@ -76,15 +93,19 @@ def _pil_loader(data, recipe, batch_size: int, workers: int, views: int, mean, s
     from PIL import Image
 
     s = recipe.jitter_strength
-    transform = T.Compose([
-        T.RandomResizedCrop(data.image_size, scale=(recipe.crop_scale_min, 1.0)),
-        T.RandomHorizontalFlip(recipe.flip_p),
-        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5))], p=recipe.jitter_p),
-        T.RandomGrayscale(recipe.grayscale_p),
-        T.ToTensor(), T.Normalize(mean, std)])
+    transform = T.Compose(
+        [
+            T.RandomResizedCrop(data.image_size, scale=(recipe.crop_scale_min, 1.0)),
+            T.RandomHorizontalFlip(recipe.flip_p),
+            T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5))], p=recipe.jitter_p),
+            T.RandomGrayscale(recipe.grayscale_p),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
     arrays = data.train_images.permute(0, 2, 3, 1).cpu().numpy()
 
-    class PilDataset(torch.utils.data.Dataset):   # like torchvision's CIFAR10: a PIL image per item
+    class PilDataset(torch.utils.data.Dataset):  # like torchvision's CIFAR10: a PIL image per item
         def __len__(self):
             return len(arrays)
 
@@ -92,9 +113,15 @@ def _pil_loader(data, recipe, batch_size: int, workers: int, views: int, mean, s
             image = Image.fromarray(arrays[i])
             return [transform(image) for _ in range(views)]
 
-    return torch.utils.data.DataLoader(PilDataset(), batch_size=batch_size, shuffle=True,
-                                       num_workers=workers, drop_last=True, pin_memory=pin,
-                                       persistent_workers=workers > 0)
+    return torch.utils.data.DataLoader(
+        PilDataset(),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        pin_memory=pin,
+        persistent_workers=workers > 0,
+    )
 
 
 def run_bench(args) -> dict:
@@ -112,48 +139,71 @@ def run_bench(args) -> dict:
 
     def sslab_step():
         index = torch.randint(len(data.train_images), (batch,), generator=gen).to(device)
-        train_step(method, optimizer, data.train_images[index], 0, index, args.amp)
+        train_step(method, method, optimizer, data.train_images[index], 0, index, args.amp)
 
-    first = torch.arange(batch, device=device)   # the images the fixed views come from
+    first = torch.arange(batch, device=device)  # the images the fixed views come from
     real_augment = method.augment
     fixed = [real_augment(data.train_images[:batch]) for _ in range(views_per_image)]
     feed = ViewFeed()
 
     def bare_step():
         feed.views = list(fixed)
-        train_step(method, optimizer, data.train_images[:batch], 0, first, args.amp)
+        train_step(method, method, optimizer, data.train_images[:batch], 0, first, args.amp)
 
-    loader = _pil_loader(data, real_augment.recipe, batch, args.loader_workers, views_per_image,
-                         real_augment.normalize.mean.flatten().tolist(),
-                         real_augment.normalize.std.flatten().tolist(), device.type == "cuda")
+    loader = _pil_loader(
+        data,
+        real_augment.recipe,
+        batch,
+        args.loader_workers,
+        views_per_image,
+        real_augment.normalize.mean.flatten().tolist(),
+        real_augment.normalize.std.flatten().tolist(),
+        device.type == "cuda",
+    )
     batches = cycle(loader)
 
     def loader_step():
         feed.views = [v.to(device, non_blocking=True) for v in next(batches)]
         if study.train.channels_last:
             feed.views = [v.contiguous(memory_format=torch.channels_last) for v in feed.views]
-        train_step(method, optimizer, data.train_images[:batch], 0, first, args.amp)
+        train_step(method, method, optimizer, data.train_images[:batch], 0, first, args.amp)
 
     def with_augment(augment, fn):
         def step():
             method.augment = augment
             fn()
+
         return step
 
-    seconds = _time_interleaved({"sslab": with_augment(real_augment, sslab_step),
-                                 "bare": with_augment(feed, bare_step),
-                                 "dataloader": with_augment(feed, loader_step)},
-                                args.rounds, args.steps, args.warmup, device)
+    seconds = _time_interleaved(
+        {
+            "sslab": with_augment(real_augment, sslab_step),
+            "bare": with_augment(feed, bare_step),
+            "dataloader": with_augment(feed, loader_step),
+        },
+        args.rounds,
+        args.steps,
+        args.warmup,
+        device,
+    )
     method.augment = real_augment
 
     epoch_images = args.epoch_images
-    paths = {name: {"seconds_per_step": s, "images_per_s": batch / s,
-                    "views_per_s": views_per_image * batch / s, "seconds_per_epoch": epoch_images / batch * s}
-             for name, s in seconds.items()}
+    paths = {
+        name: {
+            "seconds_per_step": s,
+            "images_per_s": batch / s,
+            "views_per_s": views_per_image * batch / s,
+            "seconds_per_epoch": epoch_images / batch * s,
+        }
+        for name, s in seconds.items()
+    }
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-        f"cpu ({os.cpu_count()} cores, {std_platform.processor() or std_platform.machine()})",
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({os.cpu_count()} cores, {std_platform.processor() or std_platform.machine()})",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "fn", "command")},
         "paths": paths,
         "ratios": {
@@ -165,17 +215,25 @@ def run_bench(args) -> dict:
 
 def format_result(result: dict) -> str:
     s = result["settings"]
-    lines = [f"device: {result['device']}, torch {result['torch']}, {result['threads']} threads",
-             f"{s['method']} / {s['backbone']} width {s['width']}, batch {s['batch_size']}, "
-             f"amp {s['amp']}, channels_last {s['channels_last']}, compile {s['compile']}, "
-             f"median of {s['rounds']} rounds x {s['steps']} steps per path (interleaved), after {s['warmup']} warm-up",
-             f"{'path':<11}{'s/step':>9}{'images/s':>11}{'views/s':>11}{'s/epoch':>10}  (epoch = {s['epoch_images']} images)"]
+    lines = [
+        f"device: {result['device']}, torch {result['torch']}, {result['threads']} threads",
+        f"{s['method']} / {s['backbone']} width {s['width']}, batch {s['batch_size']}, "
+        f"amp {s['amp']}, channels_last {s['channels_last']}, compile {s['compile']}, "
+        f"median of {s['rounds']} rounds x {s['steps']} steps per path (interleaved), "
+        f"after {s['warmup']} warm-up",
+        f"{'path':<11}{'s/step':>9}{'images/s':>11}{'views/s':>11}{'s/epoch':>10}"
+        f"  (epoch = {s['epoch_images']} images)",
+    ]
     for name, p in result["paths"].items():
-        lines.append(f"{name:<11}{p['seconds_per_step']:>9.4f}{p['images_per_s']:>11.0f}"
-                     f"{p['views_per_s']:>11.0f}{p['seconds_per_epoch']:>10.2f}")
+        lines.append(
+            f"{name:<11}{p['seconds_per_step']:>9.4f}{p['images_per_s']:>11.0f}"
+            f"{p['views_per_s']:>11.0f}{p['seconds_per_epoch']:>10.2f}"
+        )
     r = result["ratios"]
-    lines.append(f"sslab data path costs {100 * r['data_path_overhead_vs_bare']:+.1f}% over the bare model step; "
-                 f"sslab is {r['sslab_speedup_vs_dataloader']:.2f}x the DataLoader pipeline")
+    lines.append(
+        f"sslab data path costs {100 * r['data_path_overhead_vs_bare']:+.1f}% over the bare model step; "
+        f"sslab is {r['sslab_speedup_vs_dataloader']:.2f}x the DataLoader pipeline"
+    )
     return "\n".join(lines)
 
 
@@ -194,7 +252,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="synthetic", choices=["synthetic", "imagefolder", "cifar10"])
     p.add_argument("--root", help="dataset root for imagefolder / cifar10")
     p.add_argument("--images", type=int, default=2048, help="images held in the dataset tensor")
-    p.add_argument("--epoch-images", type=int, default=50_000, help="images per epoch for s/epoch (CIFAR-10: 50k)")
+    p.add_argument(
+        "--epoch-images", type=int, default=50_000, help="images per epoch for s/epoch (CIFAR-10: 50k)"
+    )
     p.add_argument("--loader-workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--out", default="bench.json", help="JSON file for the results")
 

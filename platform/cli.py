@@ -3,6 +3,7 @@
 Bad input (a study file, a --set override) prints one line naming the file and key and exits
 with code 2 before anything is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,13 @@ def cmd_validate(args) -> int:
     from sslab.platform.study import expand_trials
 
     if study.search.name == "optuna":
-        print(f"{args.study}: ok ({study.method}, Optuna: {study.search.num_samples} point(s) x "
-              f"{len(study.seeds)} seed(s) over {', '.join(study.sweep)})")
+        print(
+            f"{args.study}: ok ({study.method}, Optuna: {study.search.num_samples} point(s) x "
+            f"{len(study.seeds)} seed(s) over {', '.join(study.sweep)})"
+        )
         return 0
     trials = expand_trials(study, raw)
-    print(f"{args.study}: ok ({study.method}, {len(trials)} trial(s): "
-          f"{', '.join(t.name for t in trials)})")
+    print(f"{args.study}: ok ({study.method}, {len(trials)} trial(s): {', '.join(t.name for t in trials)})")
     return 0
 
 
@@ -40,13 +42,25 @@ def cmd_run(args) -> int:
     from sslab.platform.report import build_report
     from sslab.platform.study import run_study
 
-    command = "sslab " + shlex.join(sys.argv[1:])   # recorded with the study: reports show it
-    result = run_study(study, raw, Path(args.study).read_text(), _workdir(args),
-                       tracking_uri=args.tracking_uri, ray_address=args.ray_address,
-                       resume=args.resume, source=args.study, command=command)
+    command = "sslab " + shlex.join(sys.argv[1:])  # recorded with the study: reports show it
+    result = run_study(
+        study,
+        raw,
+        Path(args.study).read_text(),
+        _workdir(args),
+        tracking_uri=args.tracking_uri,
+        ray_address=args.ray_address,
+        resume=args.resume,
+        source=args.study,
+        command=command,
+    )
     if not args.no_report:
-        out = build_report(study.name, result["tracking_uri"], Path(args.reports) / study.name,
-                           parent_run_id=result["parent_run_id"])
+        out = build_report(
+            study.name,
+            result["tracking_uri"],
+            Path(args.reports) / study.name,
+            parent_run_id=result["parent_run_id"],
+        )
         print(f"report: {out / 'report.md'} and {out / 'report.html'}")
     return 0 if result["status"] == "FINISHED" else 1
 
@@ -97,7 +111,9 @@ def cmd_eval(args) -> int:
     checkpoint = Path(run.data.tags.get("sslab.checkpoint", ""))
     if not has_checkpoint(checkpoint):
         raise ConfigError(f"run {args.run}", "tags.sslab.checkpoint", f"no checkpoint at {checkpoint}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and study.train.use_gpu else "cpu"))
+    device = torch.device(
+        args.device or ("cuda" if torch.cuda.is_available() and study.train.use_gpu else "cpu")
+    )
     data = load_dataset(study.data)
     metrics, subsets, epoch = evaluate_checkpoint(study, data, checkpoint, device)
     if args.random_init:
@@ -127,8 +143,18 @@ def cmd_ui(args) -> int:
     from sslab.platform.tracking import default_tracking_uri
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(_workdir(args))
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-               "--host", "127.0.0.1", "--port", str(args.port)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+    ]
     print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}", flush=True)
     os.execv(sys.executable, command)
 
@@ -146,16 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
     def study_command(name: str, help_text: str, fn):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("study", help="study YAML file" + (" or study name" if name == "report" else ""))
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override any key by its dotted path, e.g. train.epochs=2")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override any key by its dotted path, e.g. train.epochs=2",
+        )
         p.set_defaults(fn=fn)
         return p
 
     def common(p):
-        p.add_argument("--workdir", help="where checkpoints, Ray state and the default MLflow store "
-                                         "live (default ./sslab-runs or $SSLAB_WORKDIR)")
-        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file in the workdir, "
-                                              "or $MLFLOW_TRACKING_URI)")
+        p.add_argument(
+            "--workdir",
+            help="where checkpoints, Ray state and the default MLflow store "
+            "live (default ./sslab-runs or $SSLAB_WORKDIR)",
+        )
+        p.add_argument(
+            "--tracking-uri",
+            help="MLflow tracking URI (default: sqlite file in the workdir, or $MLFLOW_TRACKING_URI)",
+        )
         p.add_argument("--reports", default="reports", help="folder for reports/<study>/")
 
     study_command("validate", "check a study file without running it", cmd_validate)
@@ -168,14 +204,26 @@ def build_parser() -> argparse.ArgumentParser:
     common(report)
     report.add_argument("--parent-run", help="the study invocation (default: the latest)")
     sub.add_parser("methods", help="list methods and their arguments").set_defaults(fn=cmd_methods)
-    ev = sub.add_parser("eval", help="evaluate a run's checkpoint (kNN, linear probe, fine-tuning, few labels)")
+    ev = sub.add_parser(
+        "eval", help="evaluate a run's checkpoint (kNN, linear probe, fine-tuning, few labels)"
+    )
     ev.add_argument("run", help="MLflow run id of a trial (see the report's run links)")
-    ev.add_argument("--protocol", action="append", choices=["knn", "linear", "finetune"],
-                    help="repeatable; default: the study's eval.protocols")
-    ev.add_argument("--label-fraction", action="append", type=float,
-                    help="repeatable, e.g. 0.01 0.1 1; default: the study's eval.label_fractions")
+    ev.add_argument(
+        "--protocol",
+        action="append",
+        choices=["knn", "linear", "finetune"],
+        help="repeatable; default: the study's eval.protocols",
+    )
+    ev.add_argument(
+        "--label-fraction",
+        action="append",
+        type=float,
+        help="repeatable, e.g. 0.01 0.1 1; default: the study's eval.label_fractions",
+    )
     ev.add_argument("--random-init", action="store_true", help="also the same backbone at random init")
-    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override e.g. eval.finetune_epochs=5")
+    ev.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override e.g. eval.finetune_epochs=5"
+    )
     ev.add_argument("--device")
     common(ev)
     ev.set_defaults(fn=cmd_eval)
@@ -183,8 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(ui)
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(fn=cmd_ui)
-    bench = sub.add_parser("bench", help="throughput: sslab's data path vs a DataLoader pipeline vs the bare step")
+    bench = sub.add_parser(
+        "bench", help="throughput: sslab's data path vs a DataLoader pipeline vs the bare step"
+    )
     from sslab.platform.bench import add_arguments
+
     add_arguments(bench)
     bench.set_defaults(fn=cmd_bench)
     return parser

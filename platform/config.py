@@ -3,6 +3,7 @@
 A study is validated in full before anything runs: unknown keys, wrong types, out-of-range
 values, an unknown method and a missing data path are all `ConfigError`s.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,14 +25,21 @@ class ConfigError(ValueError):
     """A bad study file: `str(err)` is the one line shown to the user."""
 
     def __init__(self, source: str, key: str, message: str):
-        message = " ".join(str(message).split())   # one line, whatever it quotes
+        message = " ".join(str(message).split())  # one line, whatever it quotes
         self.source, self.key, self.message = source, key, message
         where = f"{source}: {key}" if key else source
         super().__init__(f"{where}: {message}")
 
 
-def check(*, gt: float | None = None, ge: float | None = None, le: float | None = None,
-          lt: float | None = None, default: Any = dataclasses.MISSING, **kwargs) -> Any:
+def check(
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    default: Any = dataclasses.MISSING,
+    **kwargs,
+) -> Any:
     """A dataclass field with a numeric range that `from_dict` enforces."""
     bounds = {k: v for k, v in dict(gt=gt, ge=ge, le=le, lt=lt).items() if v is not None}
     return field(default=default, metadata={"bounds": bounds}, **kwargs)
@@ -44,18 +52,18 @@ class DataConfig:
     name: Literal["synthetic", "cifar10", "cifar100", "stl10", "imagefolder"] = "synthetic"
     root: Optional[str] = None
     download: bool = False
-    subset: Optional[int] = check(default=None, gt=0)       # train images kept (deterministic)
+    subset: Optional[int] = check(default=None, gt=0)  # train images kept (deterministic)
     test_subset: Optional[int] = check(default=None, gt=0)
-    image_size: int = check(default=32, ge=8)               # synthetic size; others resized to it
-    train_size: int = check(default=5000, gt=0)             # synthetic only
-    test_size: int = check(default=1000, gt=0)              # synthetic only
-    seed: int = 0                                           # synthetic generation / subsets
+    image_size: int = check(default=32, ge=8)  # synthetic size; others resized to it
+    train_size: int = check(default=5000, gt=0)  # synthetic only
+    test_size: int = check(default=1000, gt=0)  # synthetic only
+    seed: int = 0  # synthetic generation / subsets
 
 
 @dataclass
 class BackboneConfig:
     name: Literal["resnet18", "resnet50", "vit_tiny", "vit_small"] = "resnet18"
-    cifar_stem: bool = True          # 3x3 stride-1 first conv, no max-pool (for 32x32 images)
+    cifar_stem: bool = True  # 3x3 stride-1 first conv, no max-pool (for 32x32 images)
     width: float = check(default=1.0, gt=0)
     patch_size: int = check(default=4, ge=1)
 
@@ -63,6 +71,7 @@ class BackboneConfig:
 @dataclass
 class AugmentConfig:
     """Overrides of the method's own recipe; a field left as None keeps the method's value."""
+
     crop_scale_min: Optional[float] = check(default=None, gt=0, le=1)
     crop_scale_max: Optional[float] = check(default=None, gt=0, le=1)
     flip_p: Optional[float] = check(default=None, ge=0, le=1)
@@ -76,7 +85,7 @@ class AugmentConfig:
 @dataclass
 class TrainConfig:
     epochs: int = check(default=10, gt=0)
-    batch_size: int = check(default=256, gt=1)       # global, split across workers
+    batch_size: int = check(default=256, gt=1)  # global, split across workers
     optimizer: Literal["sgd", "adamw", "lars"] = "sgd"
     lr: float = check(default=0.06, gt=0)
     # How lr follows the batch size B (SimCLR App. B.1): none (lr as given), linear
@@ -85,29 +94,29 @@ class TrainConfig:
     weight_decay: float = check(default=5e-4, ge=0)
     momentum: float = check(default=0.9, ge=0, lt=1)
     warmup_epochs: float = check(default=0, ge=0)
-    amp: bool = False                 # bf16 autocast
+    amp: bool = False  # bf16 autocast
     channels_last: bool = False
-    compile: bool = False             # torch.compile the backbone (in place)
-    num_workers: int = check(default=1, ge=1)       # >1: Ray Train TorchTrainer with DDP
+    compile: bool = False  # torch.compile the backbone (in place)
+    num_workers: int = check(default=1, ge=1)  # >1: Ray Train TorchTrainer with DDP
     use_gpu: bool = False
-    gpus_per_worker: float = check(default=1.0, gt=0, le=1)   # < 1: trials share a GPU
+    gpus_per_worker: float = check(default=1.0, gt=0, le=1)  # < 1: trials share a GPU
     cpus_per_worker: Optional[float] = check(default=None, gt=0)  # None: CPUs / concurrent workers
     checkpoint_every: int = check(default=1, ge=1)  # epochs
     report_every_steps: int = check(default=50, ge=1)
-    max_failures: int = check(default=0, ge=0)      # worker restarts (from the last checkpoint)
-    seed: int = 0                                   # set per trial from the study's `seeds`
+    max_failures: int = check(default=0, ge=0)  # worker restarts (from the last checkpoint)
+    seed: int = 0  # set per trial from the study's `seeds`
 
 
 @dataclass
 class EvalConfig:
     knn_k: int = check(default=200, gt=0)
     knn_temperature: float = check(default=0.1, gt=0)
-    knn_every: int = check(default=0, ge=0)          # epochs; 0 = only before and after training
+    knn_every: int = check(default=0, ge=0)  # epochs; 0 = only before and after training
     random_init_baseline: bool = True
     # End-of-pretraining protocols (logged as eval/<protocol>_top1), also run by `sslab eval`;
     # kNN runs whatever this lists (it is the monitor).
     protocols: list[Literal["knn", "linear", "finetune"]] = field(default_factory=lambda: ["knn", "linear"])
-    label_fractions: list[float] = field(default_factory=lambda: [1.0])   # e.g. [0.01, 0.1, 1.0]
+    label_fractions: list[float] = field(default_factory=lambda: [1.0])  # e.g. [0.01, 0.1, 1.0]
     linear_l2: float = check(default=1e-4, gt=0)
     finetune_epochs: int = check(default=10, gt=0)
     finetune_lr: float = check(default=0.05, gt=0)
@@ -120,13 +129,14 @@ class SchedulerConfig:
     PBT (Jaderberg et al. 2017): every `perturbation_interval` epochs the bottom `quantile_fraction`
     of the population copies a top trial's checkpoint and moves each key of `mutations` to a
     neighbouring value of its list (or, with `resample_probability`, any value of it)."""
+
     name: Literal["fifo", "asha", "pbt"] = "fifo"
     metric: str = "knn_top1"
     mode: Literal["max", "min"] = "max"
     grace_period: int = check(default=10, ge=1)
     reduction_factor: int = check(default=2, ge=2)
-    perturbation_interval: int = check(default=2, ge=1)          # epochs
-    mutations: dict = field(default_factory=dict)                 # dotted key -> list of values
+    perturbation_interval: int = check(default=2, ge=1)  # epochs
+    mutations: dict = field(default_factory=dict)  # dotted key -> list of values
     quantile_fraction: float = check(default=0.25, gt=0, le=0.5)
     resample_probability: float = check(default=0.25, ge=0, le=1)
 
@@ -137,6 +147,7 @@ class SearchConfig:
     optuna: `num_samples` points, each key drawn from its list or distribution ({uniform: [lo, hi]},
     {loguniform: [lo, hi]}, {choice: [...]}); optuna (TPE) proposes each point from the results
     so far, scored by the scheduler's metric averaged over the seeds."""
+
     name: Literal["grid", "random", "optuna"] = "grid"
     num_samples: int = check(default=8, ge=1)
     seed: int = 0
@@ -146,14 +157,15 @@ class SearchConfig:
 class PaperConfig:
     """What a paper reports for the ablation this study reproduces. Reports put it beside our
     numbers and give a verdict from the orderings it implies."""
-    reference: str = ""                       # paper and section / table / figure
-    claim: str = ""                           # the claim, in a sentence or two
-    metric: str = "eval/linear_top1"          # our metric that stands for the paper's
+
+    reference: str = ""  # paper and section / table / figure
+    claim: str = ""  # the claim, in a sentence or two
+    metric: str = "eval/linear_top1"  # our metric that stands for the paper's
     # sweep point (its trial name without the seed, e.g. "temperature=0.1") -> the paper's number
     results: dict = field(default_factory=dict)
     # orderings the claim implies, "POINT > POINT" (also derived from `results`)
     expect: list[str] = field(default_factory=list)
-    tie: float = check(default=1.0, ge=0)     # paper gaps below this many points imply no order
+    tie: float = check(default=1.0, ge=0)  # paper gaps below this many points imply no order
 
 
 @dataclass
@@ -186,14 +198,19 @@ class StudyConfig:
 
 # ----------------------------------------------------------------------------- conversion
 
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 
-_SCALARS = {bool: ((bool,), "true or false"), int: ((int,), "an integer"),
-            float: ((int, float), "a number"), str: ((str,), "a string")}
+_SCALARS = {
+    bool: ((bool,), "true or false"),
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
+    str: ((str,), "a string"),
+}
 
 
 def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -236,8 +253,12 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
 def _check_bounds(value: Any, bounds: dict, key: str, source: str) -> None:
     if value is None:
         return
-    tests = {"gt": (lambda v, b: v > b, ">"), "ge": (lambda v, b: v >= b, ">="),
-             "lt": (lambda v, b: v < b, "<"), "le": (lambda v, b: v <= b, "<=")}
+    tests = {
+        "gt": (lambda v, b: v > b, ">"),
+        "ge": (lambda v, b: v >= b, ">="),
+        "lt": (lambda v, b: v < b, "<"),
+        "le": (lambda v, b: v <= b, "<="),
+    }
     for name, bound in bounds.items():
         ok, symbol = tests[name]
         if not ok(value, bound):
@@ -271,6 +292,7 @@ def _join(prefix: str, key: str) -> str:
 
 # ----------------------------------------------------------------------------- overrides
 
+
 class _Loader(yaml.SafeLoader):
     """PyYAML follows YAML 1.1, where `1e-5` (no dot) is a string; learning rates and weight
     decays are written that way, so floats follow YAML 1.2 here. Aliases (`*name`) are refused:
@@ -278,15 +300,19 @@ class _Loader(yaml.SafeLoader):
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed",
-                                              self.peek_event().start_mark)
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed", self.peek_event().start_mark
+            )
         return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
-    list("-+0123456789."))
+    re.compile(
+        r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
 
 MAX_STUDY_BYTES = 1_000_000
 
@@ -345,6 +371,7 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- loading
 
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -374,10 +401,15 @@ def build_study(raw: dict, source: str = "<config>") -> StudyConfig:
     except KeyError as err:
         raise ConfigError(source, "method", str(err.args[0])) from None
     study.method_args = dataclasses.asdict(
-        from_dict(method_cls.Args, study.method_args, source, prefix="method_args"))
+        from_dict(method_cls.Args, study.method_args, source, prefix="method_args")
+    )
     if method_cls.backbones and study.backbone.name not in method_cls.backbones:
-        raise ConfigError(source, "backbone.name", f"{study.backbone.name!r}: method {study.method!r} "
-                                                   f"needs one of {', '.join(method_cls.backbones)}")
+        raise ConfigError(
+            source,
+            "backbone.name",
+            f"{study.backbone.name!r}: method {study.method!r} "
+            f"needs one of {', '.join(method_cls.backbones)}",
+        )
     _check_data(study.data, source)
     _check_sweep(raw, study, source)
     _check_train(study, source)
@@ -392,8 +424,12 @@ STUDY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 def check_study_name(name: str, source: str, key: str = "name") -> None:
     """A study's name becomes folders (workdir, reports) and an MLflow experiment: an identifier."""
     if not STUDY_NAME.fullmatch(name):
-        raise ConfigError(source, key, f"{name!r} is not a study name (letters, digits, '_', '.', '-'; "
-                                          "at most 100, not starting with '.' or '-')")
+        raise ConfigError(
+            source,
+            key,
+            f"{name!r} is not a study name (letters, digits, '_', '.', '-'; "
+            "at most 100, not starting with '.' or '-')",
+        )
 
 
 def _check_seeds(seeds: list[int], source: str) -> None:
@@ -427,8 +463,7 @@ def _check_data(data: DataConfig, source: str) -> None:
         except (DataError, OSError) as err:
             raise ConfigError(source, "data.root", str(err)) from None
     elif not data.download and not root.is_dir():
-        raise ConfigError(source, "data.root",
-                          f"{root} does not exist (set data.download: true to fetch it)")
+        raise ConfigError(source, "data.root", f"{root} does not exist (set data.download: true to fetch it)")
 
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice")
@@ -453,7 +488,9 @@ def _check_sweep(raw: dict, study: StudyConfig, source: str) -> None:
             _check_distribution(raw, dotted, spec, key, source)
             continue
         if not isinstance(values, list) or not values:
-            raise ConfigError(source, key, "expected a non-empty list of values, or {uniform|loguniform|choice: ...}")
+            raise ConfigError(
+                source, key, "expected a non-empty list of values, or {uniform|loguniform|choice: ...}"
+            )
         _check_unique(values, key, source)
         if dotted == "points" and study.search.name == "optuna":
             raise ConfigError(source, key, "search.name: optuna samples keys; `points` needs grid or random")
@@ -471,7 +508,9 @@ def _check_sweep(raw: dict, study: StudyConfig, source: str) -> None:
         for value in values:
             _check_overrides(raw, {dotted: value}, key, source)
     if study.scheduler.name == "pbt" and study.search.name == "optuna":
-        raise ConfigError(source, "scheduler.name", "pbt needs search.name grid or random (a fixed population)")
+        raise ConfigError(
+            source, "scheduler.name", "pbt needs search.name grid or random (a fixed population)"
+        )
     if study.scheduler.name == "pbt" and not study.scheduler.mutations:
         raise ConfigError(source, "scheduler.mutations", "pbt needs at least one key to mutate")
     if study.scheduler.name == "pbt" and study.train.num_workers > 1:
@@ -486,10 +525,17 @@ def _check_distribution(raw: dict, dotted: str, spec: tuple[str, list], key: str
         for value in args:
             _check_overrides(raw, {dotted: value}, key, source)
         return
-    numeric = isinstance(args, list) and len(args) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in args)
+    numeric = (
+        isinstance(args, list)
+        and len(args) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in args)
+    )
     if not numeric or not args[0] < args[1] or (kind == "loguniform" and args[0] <= 0):
-        raise ConfigError(source, key, f"{kind} needs [low, high] with low < high" + (" and low > 0" if kind == "loguniform" else ""))
+        raise ConfigError(
+            source,
+            key,
+            f"{kind} needs [low, high] with low < high" + (" and low > 0" if kind == "loguniform" else ""),
+        )
     for value in args:
         _check_overrides(raw, {dotted: value}, key, source)
 
@@ -497,7 +543,7 @@ def _check_distribution(raw: dict, dotted: str, spec: tuple[str, list], key: str
 def _check_overrides(raw: dict, overrides: dict, key: str, source: str) -> None:
     trial_raw = copy.deepcopy(raw)
     trial_raw.pop("sweep", None)
-    trial_raw.pop("scheduler", None)   # checked once for the study; here it would recurse
+    trial_raw.pop("scheduler", None)  # checked once for the study; here it would recurse
     for dotted, value in overrides.items():
         set_dotted(trial_raw, dotted, value)
     try:
@@ -529,7 +575,7 @@ def _check_paper(study: StudyConfig, source: str) -> None:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise ConfigError(source, f"paper.results.{point}", f"expected a finite number, got {value!r}")
     if not study.sweep:
-        return   # a single trial: its sweep was already expanded
+        return  # a single trial: its sweep was already expanded
     swept = [k for k in study.sweep if k != "points"]
     swept += [k for point in study.sweep.get("points", []) for k in point]
     keys = {short_key(k) for k in swept}
@@ -542,8 +588,11 @@ def _check_paper(study: StudyConfig, source: str) -> None:
     for key, point in named:
         unknown = [part for part in point.split(",") if part.split("=", 1)[0] not in keys or "=" not in part]
         if unknown:
-            raise ConfigError(source, key, f"{point!r}: {unknown[0]!r} is not KEY=VALUE of a swept key "
-                                            f"({', '.join(sorted(keys))})")
+            raise ConfigError(
+                source,
+                key,
+                f"{point!r}: {unknown[0]!r} is not KEY=VALUE of a swept key ({', '.join(sorted(keys))})",
+            )
 
 
 def _check_eval(study: StudyConfig, source: str) -> None:
@@ -558,11 +607,15 @@ def _check_train(study: StudyConfig, source: str) -> None:
     train = study.train
     images = train_set_size(study.data)
     if images is not None and train.batch_size > images:
-        raise ConfigError(source, "train.batch_size", f"{train.batch_size} is more than the "
-                                                      f"{images} training images (data)")
+        raise ConfigError(
+            source, "train.batch_size", f"{train.batch_size} is more than the {images} training images (data)"
+        )
     if train.batch_size % train.num_workers:
-        raise ConfigError(source, "train.batch_size",
-                          f"{train.batch_size} is not divisible by train.num_workers={train.num_workers}")
+        raise ConfigError(
+            source,
+            "train.batch_size",
+            f"{train.batch_size} is not divisible by train.num_workers={train.num_workers}",
+        )
 
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[StudyConfig, dict]:
@@ -571,7 +624,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[StudyConfig
     raw = load_yaml(path)
     for text in overrides:
         key, value = parse_override(text, source=f"{source} --set")
-        if key.startswith("sweep."):   # a sweep's keys are themselves dotted paths
+        if key.startswith("sweep."):  # a sweep's keys are themselves dotted paths
             raw.setdefault("sweep", {})[key.removeprefix("sweep.")] = value
         else:
             set_dotted(raw, key, value)

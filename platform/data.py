@@ -5,6 +5,7 @@ with random colours, positions, sizes and noise, deterministic by seed. Colour s
 the class, so a representation must learn shape to separate them, which is what SSL augmentations
 are meant to teach.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,25 +20,56 @@ import torch.nn.functional as F
 
 from sslab.platform.config import DataConfig
 
-SYNTHETIC_CLASSES = ("disk", "square", "triangle", "ring", "cross",
-                     "hbars", "vbars", "diagonal", "checker", "diamond")
+SYNTHETIC_CLASSES = (
+    "disk",
+    "square",
+    "triangle",
+    "ring",
+    "cross",
+    "hbars",
+    "vbars",
+    "diagonal",
+    "checker",
+    "diamond",
+)
 # How captions name the classes and colours (for image-text methods such as CLIP).
-SHAPE_WORDS = ("disk", "square", "triangle", "ring", "cross", "horizontal bars", "vertical bars",
-               "diagonal stripes", "checkerboard", "diamond")
-COLOUR_NAMES = {"red": (1, 0, 0), "orange": (1, .55, 0), "yellow": (1, 1, 0), "green": (0, .75, 0),
-                "cyan": (0, 1, 1), "blue": (0, 0, 1), "purple": (.5, 0, .6), "pink": (1, .5, .75),
-                "white": (1, 1, 1), "black": (0, 0, 0), "gray": (.5, .5, .5), "brown": (.55, .3, .1)}
+SHAPE_WORDS = (
+    "disk",
+    "square",
+    "triangle",
+    "ring",
+    "cross",
+    "horizontal bars",
+    "vertical bars",
+    "diagonal stripes",
+    "checkerboard",
+    "diamond",
+)
+COLOUR_NAMES = {
+    "red": (1, 0, 0),
+    "orange": (1, 0.55, 0),
+    "yellow": (1, 1, 0),
+    "green": (0, 0.75, 0),
+    "cyan": (0, 1, 1),
+    "blue": (0, 0, 1),
+    "purple": (0.5, 0, 0.6),
+    "pink": (1, 0.5, 0.75),
+    "white": (1, 1, 1),
+    "black": (0, 0, 0),
+    "gray": (0.5, 0.5, 0.5),
+    "brown": (0.55, 0.3, 0.1),
+}
 
 
 @dataclass
 class Dataset:
     name: str
     classes: list[str]
-    train_images: torch.Tensor   # uint8 [N, 3, H, W]
-    train_labels: torch.Tensor   # int64 [N]
+    train_images: torch.Tensor  # uint8 [N, 3, H, W]
+    train_labels: torch.Tensor  # int64 [N]
     test_images: torch.Tensor
     test_labels: torch.Tensor
-    train_captions: list[str] | None = None     # one per image, where the data has them
+    train_captions: list[str] | None = None  # one per image, where the data has them
     test_captions: list[str] | None = None
     class_prompts: list[list[str]] | None = None  # per class, captions that describe it (zero-shot)
 
@@ -46,23 +78,33 @@ class Dataset:
         return self.train_images.shape[-1]
 
     def describe(self) -> str:
-        return (f"{self.name}: {len(self.train_images)} train / {len(self.test_images)} test, "
-                f"{len(self.classes)} classes, {self.image_size}px")
+        return (
+            f"{self.name}: {len(self.train_images)} train / {len(self.test_images)} test, "
+            f"{len(self.classes)} classes, {self.image_size}px"
+        )
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    loaders = {"synthetic": _synthetic, "cifar10": _torchvision, "cifar100": _torchvision,
-               "stl10": _torchvision, "imagefolder": _imagefolder}
+    loaders = {
+        "synthetic": _synthetic,
+        "cifar10": _torchvision,
+        "cifar100": _torchvision,
+        "stl10": _torchvision,
+        "imagefolder": _imagefolder,
+    }
     data = loaders[cfg.name](cfg)
     data.train_images, data.train_labels, data.train_captions = _subset(
-        data.train_images, data.train_labels, data.train_captions, cfg.subset, cfg.seed)
+        data.train_images, data.train_labels, data.train_captions, cfg.subset, cfg.seed
+    )
     data.test_images, data.test_labels, data.test_captions = _subset(
-        data.test_images, data.test_labels, data.test_captions, cfg.test_subset, cfg.seed)
+        data.test_images, data.test_labels, data.test_captions, cfg.test_subset, cfg.seed
+    )
     return data
 
 
-def _subset(images: torch.Tensor, labels: torch.Tensor, captions: list[str] | None,
-            size: int | None, seed: int):
+def _subset(
+    images: torch.Tensor, labels: torch.Tensor, captions: list[str] | None, size: int | None, seed: int
+):
     if size is None or size >= len(images):
         return images, labels, captions
     keep = _subset_indices(len(images), size, seed)
@@ -77,13 +119,27 @@ def _subset_indices(total: int, size: int, seed: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- synthetic
 
+
 def _synthetic(cfg: DataConfig) -> Dataset:
     train_images, train_labels, train_captions = make_synthetic(cfg.train_size, cfg.image_size, seed=cfg.seed)
-    test_images, test_labels, test_captions = make_synthetic(cfg.test_size, cfg.image_size, seed=cfg.seed + 1_000_003)
-    prompts = [[caption(shape, fg, bg) for fg in COLOUR_NAMES for bg in COLOUR_NAMES if fg != bg]
-               for shape in SHAPE_WORDS]
-    return Dataset("synthetic", list(SYNTHETIC_CLASSES), train_images, train_labels, test_images,
-                   test_labels, train_captions, test_captions, prompts)
+    test_images, test_labels, test_captions = make_synthetic(
+        cfg.test_size, cfg.image_size, seed=cfg.seed + 1_000_003
+    )
+    prompts = [
+        [caption(shape, fg, bg) for fg in COLOUR_NAMES for bg in COLOUR_NAMES if fg != bg]
+        for shape in SHAPE_WORDS
+    ]
+    return Dataset(
+        "synthetic",
+        list(SYNTHETIC_CLASSES),
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        train_captions,
+        test_captions,
+        prompts,
+    )
 
 
 def caption(shape: str, foreground: str, background: str) -> str:
@@ -117,18 +173,21 @@ def make_synthetic(count: int, size: int, seed: int) -> tuple[torch.Tensor, torc
     u, v = (cos * x + sin * y) / scale, (-sin * x + cos * y) / scale
     freq = uniform(2.5, 4.5, count, 1, 1) * math.pi
 
-    masks = torch.stack([
-        (u**2 + v**2 < 1.0),                                               # disk
-        (u.abs() < 0.8) & (v.abs() < 0.8),                                 # square
-        (v < 0.7) & (v > 1.6 * u.abs() - 0.9),                             # triangle
-        ((u**2 + v**2).sqrt() - 0.75).abs() < 0.22,                        # ring
-        ((u.abs() < 0.25) | (v.abs() < 0.25)) & (u.abs() < 1) & (v.abs() < 1),  # cross
-        torch.sin(freq * v) > 0,                                           # horizontal bars
-        torch.sin(freq * u) > 0,                                           # vertical bars
-        torch.sin(freq * (u + v) / 1.4) > 0,                               # diagonal stripes
-        (torch.sin(freq * u) * torch.sin(freq * v)) > 0,                   # checker
-        (u.abs() + v.abs() < 1.0),                                         # diamond
-    ], dim=1)                                                              # [count, 10, H, W]
+    masks = torch.stack(
+        [
+            (u**2 + v**2 < 1.0),  # disk
+            (u.abs() < 0.8) & (v.abs() < 0.8),  # square
+            (v < 0.7) & (v > 1.6 * u.abs() - 0.9),  # triangle
+            ((u**2 + v**2).sqrt() - 0.75).abs() < 0.22,  # ring
+            ((u.abs() < 0.25) | (v.abs() < 0.25)) & (u.abs() < 1) & (v.abs() < 1),  # cross
+            torch.sin(freq * v) > 0,  # horizontal bars
+            torch.sin(freq * u) > 0,  # vertical bars
+            torch.sin(freq * (u + v) / 1.4) > 0,  # diagonal stripes
+            (torch.sin(freq * u) * torch.sin(freq * v)) > 0,  # checker
+            (u.abs() + v.abs() < 1.0),  # diamond
+        ],
+        dim=1,
+    )  # [count, 10, H, W]
     mask = masks[torch.arange(count), labels].unsqueeze(1).float()
 
     foreground = uniform(0, 1, count, 3, 1, 1)
@@ -139,12 +198,17 @@ def make_synthetic(count: int, size: int, seed: int) -> tuple[torch.Tensor, torc
     gradient = uniform(-0.15, 0.15, count, 3, 1, 1) * yy
     image = mask * foreground + (1 - mask) * (background + gradient)
     image = image + 0.06 * torch.randn(count, 3, size, size, generator=g)
-    captions = [caption(SHAPE_WORDS[label], fg, bg) for label, fg, bg in
-                zip(labels.tolist(), colour_names(foreground.flatten(1)), colour_names(background.flatten(1)))]
+    captions = [
+        caption(SHAPE_WORDS[label], fg, bg)
+        for label, fg, bg in zip(
+            labels.tolist(), colour_names(foreground.flatten(1)), colour_names(background.flatten(1))
+        )
+    ]
     return (image.clamp(0, 1) * 255).round().to(torch.uint8), labels, captions
 
 
 # ----------------------------------------------------------------------------- torchvision
+
 
 def _torchvision(cfg: DataConfig) -> Dataset:
     import torchvision.datasets as tvd
@@ -161,8 +225,9 @@ def _torchvision(cfg: DataConfig) -> Dataset:
         test = cls(root, train=False, download=cfg.download)
         to_tensor = lambda ds: torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         labels = lambda ds: torch.as_tensor(ds.targets, dtype=torch.long)
-    return Dataset(cfg.name, list(train.classes), to_tensor(train), labels(train),
-                   to_tensor(test), labels(test))
+    return Dataset(
+        cfg.name, list(train.classes), to_tensor(train), labels(train), to_tensor(test), labels(test)
+    )
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -178,7 +243,7 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class FolderScan:
     classes: tuple[str, ...]
-    train: tuple[tuple[Path, int], ...]   # (file, label), sorted by class then name
+    train: tuple[tuple[Path, int], ...]  # (file, label), sorted by class then name
     test: tuple[tuple[Path, int], ...]
 
 
@@ -195,8 +260,11 @@ def scan_image_folder(root: Path) -> FolderScan:
     missing = [name for name in test_classes if name not in classes]
     if missing:
         raise DataError(f"{root / 'test' / missing[0]}: class {missing[0]!r} is not in {root / 'train'}")
-    return FolderScan(classes, _list_split(root / "train", classes, required=True),
-                      _list_split(root / "test", classes, required=False))
+    return FolderScan(
+        classes,
+        _list_split(root / "train", classes, required=True),
+        _list_split(root / "test", classes, required=False),
+    )
 
 
 def _list_split(split_dir: Path, classes: tuple[str, ...], required: bool) -> tuple[tuple[Path, int], ...]:
@@ -237,7 +305,9 @@ def _imagefolder(cfg: DataConfig) -> Dataset:
     return Dataset(f"imagefolder:{root.name}", list(scan.classes), *train, *test)
 
 
-def _decode_split(split_dir: Path, items: tuple[tuple[Path, int], ...], size: int, subset: int | None, seed: int):
+def _decode_split(
+    split_dir: Path, items: tuple[tuple[Path, int], ...], size: int, subset: int | None, seed: int
+):
     """Decodes only the files the subset keeps, once; later runs read the cached tensor. The cache
     is keyed on each file's path, size and modification time: an image edited in place is read again."""
     files, labels = [f for f, _ in items], [label for _, label in items]
@@ -262,11 +332,17 @@ def _read_image(path: Path, size: int) -> torch.Tensor:
 
     try:
         image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except RuntimeError as err:   # torchvision's messages end with the reason after the last comma
+    except RuntimeError as err:  # torchvision's messages end with the reason after the last comma
         raise DataError(f"{path}: cannot decode ({str(err).rsplit(',', 1)[-1].strip()})") from None
     if image.shape[-2:] != (size, size):
-        image = F.interpolate(image[None].float(), size=(size, size), mode="bilinear",
-                              antialias=True, align_corners=False)[0].round().clamp(0, 255).byte()
+        image = (
+            F.interpolate(
+                image[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )[0]
+            .round()
+            .clamp(0, 255)
+            .byte()
+        )
     return image
 
 

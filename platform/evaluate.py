@@ -1,4 +1,5 @@
 """Evaluation of frozen features: the weighted kNN monitor (Wu et al. 2018, Sec. 3.4)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,21 +21,28 @@ def eval_mode(module: nn.Module):
 
 
 @torch.no_grad()
-def extract_features(features_fn, images: torch.Tensor, device: torch.device,
-                     batch_size: int = 512, amp: bool = False) -> torch.Tensor:
+def extract_features(
+    features_fn, images: torch.Tensor, device: torch.device, batch_size: int = 512, amp: bool = False
+) -> torch.Tensor:
     """Runs `features_fn` over uint8 `images` in batches; returns float32 features on `device`."""
     out = []
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].to(device, non_blocking=True)
+        batch = images[start : start + batch_size].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out.append(features_fn(batch).float())
     return torch.cat(out)
 
 
 @torch.no_grad()
-def knn_predict_scores(train_features: torch.Tensor, train_labels: torch.Tensor,
-                       test_features: torch.Tensor, num_classes: int, k: int = 200,
-                       temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+def knn_predict_scores(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk: int = 1024,
+) -> torch.Tensor:
     """Class scores of a weighted kNN on L2-normalised features (cosine similarity).
 
     Each of the k nearest training samples votes for its class with weight exp(s / T)
@@ -45,7 +53,7 @@ def knn_predict_scores(train_features: torch.Tensor, train_labels: torch.Tensor,
     k = min(k, len(train_features))
     scores = []
     for start in range(0, len(test_features), chunk):
-        sims = test_features[start:start + chunk] @ train_features.T
+        sims = test_features[start : start + chunk] @ train_features.T
         top_sims, top_idx = sims.topk(k, dim=1)
         weights = (top_sims / temperature).exp()
         votes = torch.zeros(len(sims), num_classes, device=sims.device)
@@ -61,15 +69,24 @@ def top1_top5(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return {"top1": hits[:, 0].float().mean().item(), "top5": hits.any(dim=1).float().mean().item()}
 
 
-def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes: int,
-                 k: int = 200, temperature: float = 0.1) -> dict[str, float]:
+def knn_accuracy(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+) -> dict[str, float]:
     """{'knn_top1': ..., 'knn_top5': ...} in [0, 1]."""
-    scores = knn_predict_scores(train_features, train_labels.to(train_features.device), test_features,
-                                num_classes, k, temperature)
+    scores = knn_predict_scores(
+        train_features, train_labels.to(train_features.device), test_features, num_classes, k, temperature
+    )
     return {f"knn_{k}": v for k, v in top1_top5(scores, test_labels).items()}
 
 
 # ----------------------------------------------------------------------------- label subsets
+
 
 def balanced_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
     """Sorted indices of round(fraction * n_c) images of every class c (at least one each),
@@ -87,9 +104,16 @@ def balanced_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> tor
 
 # ----------------------------------------------------------------------------- linear probe
 
-def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                 test_labels: torch.Tensor, num_classes: int, l2: float = 1e-4,
-                 max_iter: int = 500) -> dict[str, float]:
+
+def linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    l2: float = 1e-4,
+    max_iter: int = 500,
+) -> dict[str, float]:
     """Multinomial logistic regression on frozen features, trained to convergence (L-BFGS, full
     batch): minimises mean cross-entropy + l2/2 ||W||^2 on standardised features, which is
     scikit-learn's LogisticRegression with C = 1 / (l2 * n)."""
@@ -99,9 +123,15 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     classifier = nn.Linear(x_train.shape[1], num_classes).to(x_train.device)
     nn.init.zeros_(classifier.weight)
     nn.init.zeros_(classifier.bias)
-    optimizer = torch.optim.LBFGS(classifier.parameters(), lr=1, max_iter=max_iter,
-                                  tolerance_grad=1e-7, tolerance_change=1e-10,
-                                  history_size=20, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        classifier.parameters(),
+        lr=1,
+        max_iter=max_iter,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         optimizer.zero_grad()
@@ -117,20 +147,36 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 
 # ----------------------------------------------------------------------------- fine-tuning
 
-def finetune(encoder: nn.Module, normalize: nn.Module, feature_dim: int, train_images, train_labels,
-             test_images, test_labels, num_classes: int, device, epochs: int = 10,
-             batch_size: int = 256, lr: float = 0.05, weight_decay: float = 5e-4,
-             seed: int = 0, amp: bool = False) -> dict[str, float]:
-    """The whole encoder (a copy: the pretrained one is untouched) plus a linear head, trained
-    with labels under crop + flip augmentation, SGD with cosine decay; scored on the test split."""
+
+def finetune(
+    encoder,
+    train_images,
+    train_labels,
+    test_images,
+    test_labels,
+    num_classes: int,
+    device,
+    epochs: int = 10,
+    batch_size: int = 256,
+    lr: float = 0.05,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    amp: bool = False,
+) -> dict[str, float]:
+    """A copy of the method's encoder (the pretrained one is untouched) plus a linear head,
+    trained with labels under crop + flip augmentation, SGD with cosine decay; scored on the
+    test split. The copy sees the encoder's own input transform, as kNN and the probe do."""
     import copy
 
     from sslab.platform.augment import Augment, AugmentRecipe
 
     torch.manual_seed(seed)
-    model = nn.Sequential(copy.deepcopy(encoder), nn.Linear(feature_dim, num_classes)).to(device)
-    augment = Augment(AugmentRecipe(crop_scale_min=0.2, jitter_p=0.0, grayscale_p=0.0),
-                      train_images.shape[-1], normalize)
+    model = nn.Sequential(copy.deepcopy(encoder.module), nn.Linear(encoder.dim, num_classes)).to(device)
+    crop_flip = Augment(
+        AugmentRecipe(crop_scale_min=0.2, jitter_p=0.0, grayscale_p=0.0),
+        train_images.shape[-1],
+        normalize=None,
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     batch_size = min(batch_size, len(train_images))
     steps = epochs * max(1, len(train_images) // batch_size)
@@ -140,28 +186,31 @@ def finetune(encoder: nn.Module, normalize: nn.Module, feature_dim: int, train_i
     for _ in range(epochs):
         order = torch.randperm(len(train_images), generator=generator)
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             images = train_images[index.to(train_images.device)].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = F.cross_entropy(model(augment(images)).float(), train_labels[index].to(device))
+                logits = model(encoder.transform(crop_flip.unit(images)))
+                loss = F.cross_entropy(logits.float(), train_labels[index].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
     with eval_mode(model):
-        scores = extract_features(lambda x: model(normalize(x)), test_images, device, amp=amp)
+        scores = extract_features(lambda x: model(encoder.transform(x)), test_images, device, amp=amp)
     return top1_top5(scores, test_labels)
 
 
 # ----------------------------------------------------------------------------- all protocols
+
 
 def fraction_suffix(fraction: float) -> str:
     """'' for all labels, '_1pct' / '_10pct' for label fractions (MLflow keys allow no '%')."""
     return "" if fraction >= 1 else f"_{100 * fraction:g}pct".replace(".", "p")
 
 
-def run_protocols(method, data, eval_cfg, device, seed: int = 0, amp: bool = False,
-                  prefix: str = "eval/") -> tuple[dict[str, float], dict[str, list[int]]]:
+def run_protocols(
+    method, data, eval_cfg, device, seed: int = 0, amp: bool = False, prefix: str = "eval/"
+) -> tuple[dict[str, float], dict[str, list[int]]]:
     """Every configured protocol on `method`'s frozen (or, for fine-tuning, copied) encoder.
     Returns (metrics, label subsets used); features are computed once for all protocols."""
     with eval_mode(method):
@@ -170,8 +219,15 @@ def run_protocols(method, data, eval_cfg, device, seed: int = 0, amp: bool = Fal
     num_classes = len(data.classes)
     metrics, subsets = {}, {}
     # kNN always: it is the monitor every report and scheduler reads, and nearly free here.
-    knn = knn_accuracy(train_f, data.train_labels, test_f, data.test_labels, num_classes,
-                       k=eval_cfg.knn_k, temperature=eval_cfg.knn_temperature)
+    knn = knn_accuracy(
+        train_f,
+        data.train_labels,
+        test_f,
+        data.test_labels,
+        num_classes,
+        k=eval_cfg.knn_k,
+        temperature=eval_cfg.knn_temperature,
+    )
     metrics |= {f"{prefix}{k}": v for k, v in knn.items()}
     for fraction in eval_cfg.label_fractions:
         keep = balanced_subset(data.train_labels, fraction, seed)
@@ -179,13 +235,28 @@ def run_protocols(method, data, eval_cfg, device, seed: int = 0, amp: bool = Fal
         if fraction < 1:
             subsets[f"labels{suffix}"] = keep.tolist()
         if "linear" in eval_cfg.protocols:
-            result = linear_probe(train_f[keep.to(train_f.device)], data.train_labels[keep], test_f,
-                                  data.test_labels, num_classes, l2=eval_cfg.linear_l2)
+            result = linear_probe(
+                train_f[keep.to(train_f.device)],
+                data.train_labels[keep],
+                test_f,
+                data.test_labels,
+                num_classes,
+                l2=eval_cfg.linear_l2,
+            )
             metrics |= {f"{prefix}linear_{k}{suffix}": v for k, v in result.items()}
         if "finetune" in eval_cfg.protocols:
-            result = finetune(method.backbone, method.normalize, method.feature_dim,
-                              data.train_images[keep.to(data.train_images.device)], data.train_labels[keep],
-                              data.test_images, data.test_labels, num_classes, device,
-                              epochs=eval_cfg.finetune_epochs, lr=eval_cfg.finetune_lr, seed=seed, amp=amp)
+            result = finetune(
+                method.encoder(),
+                data.train_images[keep.to(data.train_images.device)],
+                data.train_labels[keep],
+                data.test_images,
+                data.test_labels,
+                num_classes,
+                device,
+                epochs=eval_cfg.finetune_epochs,
+                lr=eval_cfg.finetune_lr,
+                seed=seed,
+                amp=amp,
+            )
             metrics |= {f"{prefix}finetune_{k}{suffix}": v for k, v in result.items()}
     return metrics, subsets

@@ -3,6 +3,7 @@
 A trial with one worker runs the training loop inside the Tune trial; with N > 1 workers the
 trial is a thin function that fits a TorchTrainer (DDP) and forwards its reports to Tune.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,10 +17,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sslab.platform.config import (ConfigError, SearchConfig, StudyConfig, as_distribution, build_study,
-                                   flatten, get_dotted, set_dotted, short_key)
-from sslab.platform.tracking import (TRIAL_TAG, Tracker, TrialTracking, default_tracking_uri, git_commit,
-                                     require_store)
+from sslab.platform.config import (
+    ConfigError,
+    SearchConfig,
+    StudyConfig,
+    as_distribution,
+    build_study,
+    flatten,
+    get_dotted,
+    set_dotted,
+    short_key,
+)
+from sslab.platform.tracking import (
+    TRIAL_TAG,
+    Tracker,
+    TrialTracking,
+    default_tracking_uri,
+    git_commit,
+    require_store,
+)
 from sslab.platform.train import CHECKPOINT_NAME, train_loop, trial_config
 from sslab.platform.workdir import atomic_write_json, check_writable, inside, locked, safe_dirname
 
@@ -30,8 +46,8 @@ POINTS_KEY = "points"
 @dataclass
 class Trial:
     name: str
-    values: dict          # swept dotted key -> value, including train.seed
-    study: StudyConfig    # resolved
+    values: dict  # swept dotted key -> value, including train.seed
+    study: StudyConfig  # resolved
 
 
 def sweep_points(sweep: dict, search: SearchConfig | None = None) -> list[dict]:
@@ -42,8 +58,11 @@ def sweep_points(sweep: dict, search: SearchConfig | None = None) -> list[dict]:
         return _random_points(sweep, search)
     grid_keys = [k for k in sweep if k != POINTS_KEY]
     points = sweep.get(POINTS_KEY) or [{}]
-    return [dict(zip(grid_keys, values)) | point
-            for point in points for values in itertools.product(*(sweep[k] for k in grid_keys))]
+    return [
+        dict(zip(grid_keys, values)) | point
+        for point in points
+        for values in itertools.product(*(sweep[k] for k in grid_keys))
+    ]
 
 
 def _random_points(sweep: dict, search: SearchConfig) -> list[dict]:
@@ -66,7 +85,9 @@ def draw(spec, rng: random.Random):
     if kind == "choice":
         return rng.choice(args)
     low, high = args
-    value = rng.uniform(low, high) if kind == "uniform" else math.exp(rng.uniform(math.log(low), math.log(high)))
+    value = (
+        rng.uniform(low, high) if kind == "uniform" else math.exp(rng.uniform(math.log(low), math.log(high)))
+    )
     return significant(value)
 
 
@@ -77,8 +98,11 @@ def significant(value, digits: int = 4):
 def expand_trials(study: StudyConfig, raw: dict) -> list[Trial]:
     """Every sweep point times every seed, each a fully validated study (grid and random search;
     Optuna proposes its points while the study runs)."""
-    return [make_trial(raw, point | {SEED_KEY: seed})
-            for point in sweep_points(study.sweep, study.search) for seed in study.seeds]
+    return [
+        make_trial(raw, point | {SEED_KEY: seed})
+        for point in sweep_points(study.sweep, study.search)
+        for seed in study.seeds
+    ]
 
 
 def make_trial(raw: dict, values: dict, name: str | None = None) -> Trial:
@@ -101,6 +125,7 @@ def trial_name(values: dict) -> str:
 
 # ----------------------------------------------------------------------------- the driver
 
+
 @dataclass
 class StudyPaths:
     workdir: Path
@@ -122,12 +147,20 @@ class StudyPaths:
         return json.loads(self.latest_file(study).read_text())["parent_run_id"]
 
 
-RESOLVED_FILE = "study.json"   # in the invocation folder: the resolved study that ran
+RESOLVED_FILE = "study.json"  # in the invocation folder: the resolved study that ran
 
 
-def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
-              tracking_uri: str | None = None, ray_address: str | None = None,
-              resume: bool = False, source: str = "<study>", command: str = "") -> dict:
+def run_study(
+    study: StudyConfig,
+    raw: dict,
+    source_text: str,
+    workdir: Path,
+    tracking_uri: str | None = None,
+    ray_address: str | None = None,
+    resume: bool = False,
+    source: str = "<study>",
+    command: str = "",
+) -> dict:
     """Runs every trial of the study; returns {'parent_run_id', 'experiment_id', 'trials'}.
     `command`: the command line that ran it, kept as the parent run's `sslab.command` tag.
 
@@ -142,7 +175,7 @@ def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
         _check_resumable(paths, study, uri, source)
     decode_image_folders([t.study for t in trials] or [study], source)
     local = not (ray_address or os.environ.get("RAY_ADDRESS"))
-    for trial_study in [t.study for t in trials] or [study]:   # a sweep may change the resources
+    for trial_study in [t.study for t in trials] or [study]:  # a sweep may change the resources
         if local:
             check_fits_local_cluster(trial_study, source)
     check_writable(paths.workdir)
@@ -152,8 +185,17 @@ def run_study(study: StudyConfig, raw: dict, source_text: str, workdir: Path,
         return _run_locked(study, raw, trials, source_text, paths, uri, ray_address, resume, command)
 
 
-def _run_locked(study: StudyConfig, raw: dict, trials: list[Trial], source_text: str, paths: StudyPaths,
-                uri: str, ray_address: str | None, resume: bool, command: str) -> dict:
+def _run_locked(
+    study: StudyConfig,
+    raw: dict,
+    trials: list[Trial],
+    source_text: str,
+    paths: StudyPaths,
+    uri: str,
+    ray_address: str | None,
+    resume: bool,
+    command: str,
+) -> dict:
     tracker, experiment_id = open_store(paths, uri, study.name)
     parent_run_id = _parent_run(tracker, experiment_id, study, source_text, paths, resume)
     if command and not resume:
@@ -162,7 +204,9 @@ def _run_locked(study: StudyConfig, raw: dict, trials: list[Trial], source_text:
     count = len(trials) or study.search.num_samples * len(study.seeds)
     print(f"study {study.name}: {count} trial(s); MLflow {uri} (parent run {parent_run_id})", flush=True)
 
-    factory = TrialFactory(raw, list(study.seeds), uri, experiment_id, parent_run_id, str(invocation), git_commit())
+    factory = TrialFactory(
+        raw, list(study.seeds), uri, experiment_id, parent_run_id, str(invocation), git_commit()
+    )
     fixed = {trial.name: trial.values for trial in trials}
 
     started = time.time()
@@ -178,8 +222,13 @@ def _run_locked(study: StudyConfig, raw: dict, trials: list[Trial], source_text:
     status = "FINISHED" if all(r == "TERMINATED" for r in results.values()) else "FAILED"
     tracker.end(parent_run_id, status)
     print(f"study {study.name}: {status.lower()} in {time.time() - started:.0f} s", flush=True)
-    return {"parent_run_id": parent_run_id, "experiment_id": experiment_id, "tracking_uri": uri,
-            "trials": summary, "status": status}
+    return {
+        "parent_run_id": parent_run_id,
+        "experiment_id": experiment_id,
+        "tracking_uri": uri,
+        "trials": summary,
+        "status": status,
+    }
 
 
 def open_store(paths: StudyPaths, uri: str, study_name: str) -> tuple[Tracker, str]:
@@ -204,14 +253,22 @@ def _check_resumable(paths: StudyPaths, study: StudyConfig, uri: str, source: st
         changed = [k for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
         if changed:
             shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
-            raise ConfigError(source, "--resume", f"the study differs from the run it would resume ({shown}); "
-                                                  "resume it unchanged, or run without --resume")
+            raise ConfigError(
+                source,
+                "--resume",
+                f"the study differs from the run it would resume ({shown}); "
+                "resume it unchanged, or run without --resume",
+            )
     require_store(uri, "--resume", source)
     try:
         Tracker(uri).client.get_run(parent_run_id)
     except Exception:
-        raise ConfigError(source, "--resume", f"the MLflow store {uri} has no run {parent_run_id} (was it "
-                                              "deleted?); run without --resume to start again") from None
+        raise ConfigError(
+            source,
+            "--resume",
+            f"the MLflow store {uri} has no run {parent_run_id} (was it "
+            "deleted?); run without --resume to start again",
+        ) from None
 
 
 def decode_image_folders(studies: list[StudyConfig], source: str) -> None:
@@ -252,20 +309,27 @@ def check_fits_local_cluster(study: StudyConfig, source: str) -> None:
     workers = train.num_workers
     needed_cpus = resources["CPU"] + (per_worker * workers if workers > 1 else 0)
     if needed_cpus > cpus + 1e-9:
-        raise ConfigError(source, "train.cpus_per_worker", f"a trial needs {needed_cpus:g} CPUs "
-                                                           f"({workers} worker(s)); the local cluster has {cpus:g}")
+        raise ConfigError(
+            source,
+            "train.cpus_per_worker",
+            f"a trial needs {needed_cpus:g} CPUs ({workers} worker(s)); the local cluster has {cpus:g}",
+        )
     if train.use_gpu and train.gpus_per_worker * workers > gpus:
-        raise ConfigError(source, "train.use_gpu", f"a trial needs {train.gpus_per_worker * workers:g} GPU(s); "
-                                                   f"the local cluster has {gpus:g}")
+        raise ConfigError(
+            source,
+            "train.use_gpu",
+            f"a trial needs {train.gpus_per_worker * workers:g} GPU(s); the local cluster has {gpus:g}",
+        )
 
 
-REPEAT_INDEX = "__trial_index__"   # set by Tune's Repeater: which repeat (seed) of a point this is
+REPEAT_INDEX = "__trial_index__"  # set by Tune's Repeater: which repeat (seed) of a point this is
 
 
 @dataclass
 class TrialFactory:
     """Builds a trial's train-loop config from its values, on the driver or inside a Tune trial
     (Optuna proposes values only while the study runs). Plain data: Ray ships it to the trials."""
+
     raw: dict
     seeds: list
     uri: str
@@ -277,10 +341,18 @@ class TrialFactory:
     def config(self, values: dict, name: str | None = None) -> dict:
         trial = make_trial(self.raw, values, name)
         trial_dir = inside(Path(self.invocation), "trials", safe_dirname(trial.name))
-        tags = study_tags(trial.study, self.commit) | {"seed": values[SEED_KEY],
-                                                       "sslab.checkpoint": str(trial_dir / CHECKPOINT_NAME)}
-        tracking = TrialTracking(self.uri, self.experiment_id, self.parent_run_id, trial.name, tags=tags,
-                                 params=trial_params(trial.study))
+        tags = study_tags(trial.study, self.commit) | {
+            "seed": values[SEED_KEY],
+            "sslab.checkpoint": str(trial_dir / CHECKPOINT_NAME),
+        }
+        tracking = TrialTracking(
+            self.uri,
+            self.experiment_id,
+            self.parent_run_id,
+            trial.name,
+            tags=tags,
+            params=trial_params(trial.study),
+        )
         return trial_config(trial.study, trial_dir, tracking)
 
     def from_tune(self, tune_config: dict, fixed: dict[str, dict], tune_name: str | None = None) -> dict:
@@ -306,18 +378,30 @@ def trial_params(study: StudyConfig) -> dict:
 
 
 def study_tags(study: StudyConfig, commit: str) -> dict:
-    return {"method": study.method, "git_commit": commit, "dataset": study.data.name,
-            "config_hash": study.config_hash()}
+    return {
+        "method": study.method,
+        "git_commit": commit,
+        "dataset": study.data.name,
+        "config_hash": study.config_hash(),
+    }
 
 
-def _parent_run(tracker: Tracker, experiment_id: str, study: StudyConfig, source_text: str,
-                paths: StudyPaths, resume: bool) -> str:
+def _parent_run(
+    tracker: Tracker,
+    experiment_id: str,
+    study: StudyConfig,
+    source_text: str,
+    paths: StudyPaths,
+    resume: bool,
+) -> str:
     if resume:
         parent_run_id = paths.latest_invocation(study.name)
         tracker.client.update_run(parent_run_id, status="RUNNING")
         return parent_run_id
     tags = study_tags(study, git_commit()) | {"sslab.role": "study"}
-    parent_run_id = tracker.start_parent(experiment_id, f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags)
+    parent_run_id = tracker.start_parent(
+        experiment_id, f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags
+    )
     tracker.log_text(parent_run_id, source_text, "study.yaml")
     tracker.log_dict(parent_run_id, study.to_dict(), "resolved_config.json")
     invocation = paths.invocation_dir(study.name, parent_run_id)
@@ -327,8 +411,9 @@ def _parent_run(tracker: Tracker, experiment_id: str, study: StudyConfig, source
     return parent_run_id
 
 
-def _close_dangling_runs(tracker: Tracker, experiment_id: str, parent_run_id: str,
-                         results: dict[str, str]) -> None:
+def _close_dangling_runs(
+    tracker: Tracker, experiment_id: str, parent_run_id: str, results: dict[str, str]
+) -> None:
     """Tune knows how each trial ended; its MLflow run may not. A run that did not finish while
     Tune reports no error was stopped early by the scheduler (the training function sees that
     only as an exception in `report`): KILLED. A run a crashed worker left RUNNING: FAILED."""
@@ -358,8 +443,11 @@ def _summarise(tracker: Tracker, experiment_id: str, parent_run_id: str) -> list
 
     rows = []
     for run in tracker.child_runs(experiment_id, parent_run_id):
-        row = {"trial": run.data.tags.get("sslab.trial"), "status": run.info.status,
-               "run_id": run.info.run_id}
+        row = {
+            "trial": run.data.tags.get("sslab.trial"),
+            "status": run.info.status,
+            "run_id": run.info.run_id,
+        }
         row.update({k: v for k, v in run.data.metrics.items()})
         rows.append(row)
     if rows:
@@ -368,6 +456,7 @@ def _summarise(tracker: Tracker, experiment_id: str, parent_run_id: str) -> list
 
 
 # ----------------------------------------------------------------------------- Ray
+
 
 def init_ray(address: str | None, **local_options) -> None:
     """Joins `address` (or $RAY_ADDRESS) as Ray documents it, else starts a private local cluster."""
@@ -389,16 +478,23 @@ def start_local_ray(num_cpus: int | None = None, temp_dir: str | None = None) ->
     # Ray's local-only mode (its default on macOS): the node address is the loopback one. The
     # environment reaches Ray's child processes; the constant covers a Ray imported before now.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ["RAY_AUTH_MODE"] = "token"   # whatever the caller's shell says
+    os.environ["RAY_AUTH_MODE"] = "token"  # whatever the caller's shell says
     import ray
     from ray._private import ray_constants
     from ray._raylet import Config
 
     ray_constants.ENABLE_RAY_CLUSTER = False
-    Config.initialize("")   # re-reads RAY_AUTH_MODE, as Ray itself does when it enables tokens
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus, _temp_dir=temp_dir,
-             object_store_memory=300 * 1024**2, configure_logging=True, logging_level="WARNING",
-             log_to_driver=True)
+    Config.initialize("")  # re-reads RAY_AUTH_MODE, as Ray itself does when it enables tokens
+    ray.init(
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        num_cpus=num_cpus,
+        _temp_dir=temp_dir,
+        object_store_memory=300 * 1024**2,
+        configure_logging=True,
+        logging_level="WARNING",
+        log_to_driver=True,
+    )
 
 
 def trial_resources(study: StudyConfig, cluster_cpus: float) -> tuple[dict, float]:
@@ -419,18 +515,19 @@ def trial_resources(study: StudyConfig, cluster_cpus: float) -> tuple[dict, floa
     return {"CPU": 0.01}, cpus
 
 
-def _make_trainable(factory: TrialFactory, fixed: dict, invocation: Path, study: StudyConfig,
-                    cpus_per_worker: float):
+def _make_trainable(
+    factory: TrialFactory, fixed: dict, invocation: Path, study: StudyConfig, cpus_per_worker: float
+):
     train = study.train
     workers, max_failures = train.num_workers, train.max_failures
     gpus_per_worker = train.gpus_per_worker if train.use_gpu else 0
-    tune_checkpoints = study.scheduler.name == "pbt"   # PBT moves checkpoints between trials
+    tune_checkpoints = study.scheduler.name == "pbt"  # PBT moves checkpoints between trials
 
     def trainable(tune_config: dict) -> None:
         import ray.tune
 
         config = factory.from_tune(tune_config, fixed, ray.tune.get_context().get_trial_name())
-        config["study"]["train"]["cpus_per_worker"] = cpus_per_worker   # also for one worker
+        config["study"]["train"]["cpus_per_worker"] = cpus_per_worker  # also for one worker
         if workers == 1:
             config.update(runtime="tune", tune_checkpoints=tune_checkpoints)
             train_loop(config)
@@ -442,15 +539,24 @@ def _make_trainable(factory: TrialFactory, fixed: dict, invocation: Path, study:
         config["runtime"] = "train"
         name = config["tracking"]["trial_name"]
         trainer = TorchTrainer(
-            train_loop, train_loop_config=config,
+            train_loop,
+            train_loop_config=config,
             scaling_config=ray.train.ScalingConfig(
-                num_workers=workers, use_gpu=gpus_per_worker > 0,
-                resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpus_per_worker else {})),
+                num_workers=workers,
+                use_gpu=gpus_per_worker > 0,
+                resources_per_worker={"CPU": cpus_per_worker}
+                | ({"GPU": gpus_per_worker} if gpus_per_worker else {}),
+            ),
             # A stable name: a restarted trial finds the same run again.
-            run_config=ray.train.RunConfig(name=f"train-{name}", storage_path=str(invocation / "ray"),
-                                           failure_config=ray.train.FailureConfig(max_failures=max_failures),
-                                           callbacks=[TuneReportCallback()]))
+            run_config=ray.train.RunConfig(
+                name=f"train-{name}",
+                storage_path=str(invocation / "ray"),
+                failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                callbacks=[TuneReportCallback()],
+            ),
+        )
         trainer.fit()
+
     return trainable
 
 
@@ -463,7 +569,9 @@ def _search(study: StudyConfig, fixed: dict[str, dict]):
         from ray.tune.search.optuna import OptunaSearch
 
         space = {k: _tune_domain(spec) for k, spec in study.sweep.items()}
-        optuna = OptunaSearch(metric=study.scheduler.metric, mode=study.scheduler.mode, seed=study.search.seed)
+        optuna = OptunaSearch(
+            metric=study.scheduler.metric, mode=study.scheduler.mode, seed=study.search.seed
+        )
         # Each proposed point runs once per seed; Optuna learns from the mean over the seeds.
         searcher = Repeater(optuna, repeat=len(study.seeds), set_index=True)
         return space, searcher, study.search.num_samples * len(study.seeds)
@@ -482,8 +590,11 @@ def _tune_domain(spec):
     if distribution is None:
         return tune.choice(spec)
     kind, args = distribution
-    return {"choice": lambda: tune.choice(args), "uniform": lambda: tune.uniform(*args),
-            "loguniform": lambda: tune.loguniform(*args)}[kind]()
+    return {
+        "choice": lambda: tune.choice(args),
+        "uniform": lambda: tune.uniform(*args),
+        "loguniform": lambda: tune.loguniform(*args),
+    }[kind]()
 
 
 def _scheduler(study: StudyConfig):
@@ -499,41 +610,79 @@ def _scheduler(study: StudyConfig):
         # synch: the whole population reaches each perturbation point before anyone copies, so
         # an exploited trial resumes at the epoch it had reached (its MLflow curve stays whole).
         return PopulationBasedTraining(
-            time_attr="pbt_epoch", metric=s.metric, mode=s.mode, perturbation_interval=s.perturbation_interval,
+            time_attr="pbt_epoch",
+            metric=s.metric,
+            mode=s.mode,
+            perturbation_interval=s.perturbation_interval,
             hyperparam_mutations={k: list(v) for k, v in s.mutations.items()},
-            quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability, synch=True)
-    return ASHAScheduler(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=study.train.epochs,
-                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+            quantile_fraction=s.quantile_fraction,
+            resample_probability=s.resample_probability,
+            synch=True,
+        )
+    return ASHAScheduler(
+        time_attr="epoch",
+        metric=s.metric,
+        mode=s.mode,
+        max_t=study.train.epochs,
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
+    )
 
 
-def _run_tune(study: StudyConfig, factory: TrialFactory, fixed: dict, invocation: Path,
-              ray_address: str | None, resume: bool) -> dict[str, str]:
+def _run_tune(
+    study: StudyConfig,
+    factory: TrialFactory,
+    fixed: dict,
+    invocation: Path,
+    ray_address: str | None,
+    resume: bool,
+) -> dict[str, str]:
     """Runs (or resumes) the Tune experiment; returns {trial name: final Tune status}."""
     import ray
     from ray import tune
 
     init_ray(ray_address)
     resources, cpus_per_worker = trial_resources(study, ray.cluster_resources().get("CPU", 1))
-    trainable = tune.with_resources(_make_trainable(factory, fixed, invocation, study, cpus_per_worker), resources)
+    trainable = tune.with_resources(
+        _make_trainable(factory, fixed, invocation, study, cpus_per_worker), resources
+    )
     storage = invocation / "ray"
     if resume and tune.Tuner.can_restore(str(storage / "tune")):
-        tuner = tune.Tuner.restore(str(storage / "tune"), trainable, resume_errored=True,
-                                   restart_errored=False, resume_unfinished=True)
+        tuner = tune.Tuner.restore(
+            str(storage / "tune"),
+            trainable,
+            resume_errored=True,
+            restart_errored=False,
+            resume_unfinished=True,
+        )
     else:
         space, search_alg, num_samples = _search(study, fixed)
         tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent_trials, reuse_actors=False,
-                                        scheduler=_scheduler(study), search_alg=search_alg,
-                                        num_samples=num_samples, trial_name_creator=_tune_trial_name),
-            run_config=tune.RunConfig(name="tune", storage_path=str(storage),
-                                      failure_config=tune.FailureConfig(max_failures=0),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1))
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=study.max_concurrent_trials,
+                reuse_actors=False,
+                scheduler=_scheduler(study),
+                search_alg=search_alg,
+                num_samples=num_samples,
+                trial_name_creator=_tune_trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=str(storage),
+                failure_config=tune.FailureConfig(max_failures=0),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                verbose=1,
+            ),
+        )
     grid = tuner.fit()
     statuses = {}
     for result in grid:
         # the name the trial itself reported (PBT may have replaced its config by another's)
-        name = (result.metrics or {}).get("sslab_trial") or factory.from_tune(result.config, fixed)["tracking"]["trial_name"]
+        name = (result.metrics or {}).get("sslab_trial") or factory.from_tune(result.config, fixed)[
+            "tracking"
+        ]["trial_name"]
         statuses[name] = "ERROR" if result.error else "TERMINATED"
     return statuses
 

@@ -4,6 +4,7 @@ Everything goes through `MlflowClient` with explicit run ids (no global active r
 same code works in the driver, in a Tune trial and in rank 0 of a Ray Train worker group.
 mlflow is imported lazily: the training loop runs without it (e.g. on a bare GPU machine).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,13 +35,16 @@ def require_store(uri: str, key: str, source: str | None = None) -> None:
 
     path = sqlite_file(uri)
     if path is not None and not path.is_file():
-        raise ConfigError(source or uri, key, f"no MLflow store at {path} (check --workdir or --tracking-uri)")
+        raise ConfigError(
+            source or uri, key, f"no MLflow store at {path} (check --workdir or --tracking-uri)"
+        )
 
 
 def git_commit(path: Path | None = None) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=path, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=path, timeout=5
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -49,6 +53,7 @@ def git_commit(path: Path | None = None) -> str:
 @dataclass
 class TrialTracking:
     """What a trial needs to find its MLflow child run; plain data, so it travels to workers."""
+
     uri: str
     experiment_id: str
     parent_run_id: str
@@ -80,17 +85,24 @@ class Tracker:
         """The parent's child runs as MLflow Run objects (all pages)."""
         runs, token = [], None
         while True:
-            page = self.client.search_runs([experiment_id],
-                                           f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                                           max_results=1000, page_token=token)
+            page = self.client.search_runs(
+                [experiment_id],
+                f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                max_results=1000,
+                page_token=token,
+            )
             runs.extend(page)
             token = page.token
             if not token:
                 return runs
 
     def latest_parent(self, experiment_id: str):
-        runs = self.client.search_runs([experiment_id], "tags.sslab.role = 'study'",
-                                       order_by=["attributes.start_time DESC"], max_results=1)
+        runs = self.client.search_runs(
+            [experiment_id],
+            "tags.sslab.role = 'study'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         return runs[0] if runs else None
 
     # -- trial side ----------------------------------------------------------------------------
@@ -111,7 +123,7 @@ class Tracker:
 
         items = [Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            self.client.log_batch(run_id, params=items[start:start + 100])
+            self.client.log_batch(run_id, params=items[start : start + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

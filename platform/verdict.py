@@ -3,9 +3,11 @@
 An ordering "A > B" agrees when our mean of A beats B's by more than twice the standard error
 of the difference, contradicts when it loses by that much, and is within noise otherwise. The
 seed-to-seed std is pooled over all sweep points (two seeds alone give a poor estimate of one
-point's spread; the points share their sources of noise). The verdict: reproduced when every ordering agrees, not
-reproduced when any contradicts, inconclusive otherwise (or with a single seed: no spread).
+point's spread; the points share their sources of noise). The verdict: reproduced when every
+ordering agrees, not reproduced when any contradicts, inconclusive otherwise (or with a single
+seed: no spread).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -19,10 +21,10 @@ from sslab.platform.config import parse_expectation
 class Comparison:
     better: str
     worse: str
-    source: str            # where the ordering comes from: the claim or the paper's numbers
-    ours: float = math.nan     # our difference, points
-    noise: float = math.nan    # 2 x standard error of the difference, points
-    outcome: str = "not run"   # agrees | contradicts | within noise | no spread | not run
+    source: str  # where the ordering comes from: the claim or the paper's numbers
+    ours: float = math.nan  # our difference, points
+    noise: float = math.nan  # 2 x standard error of the difference, points
+    outcome: str = "not run"  # agrees | contradicts | within noise | no spread | not run
 
 
 def expectations(paper: dict) -> list[Comparison]:
@@ -43,12 +45,14 @@ def expectations(paper: dict) -> list[Comparison]:
 
 def pooled_std(stats: dict[str, tuple[float, float, int]]) -> float:
     """sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1)) over the points with two seeds or more."""
-    pairs = [(n - 1, std ** 2) for _, std, n in stats.values() if n >= 2 and not math.isnan(std)]
+    pairs = [(n - 1, std**2) for _, std, n in stats.values() if n >= 2 and not math.isnan(std)]
     dof = sum(d for d, _ in pairs)
     return math.sqrt(sum(d * v for d, v in pairs) / dof) if dof else math.nan
 
 
-def judge(comparison: Comparison, stats: dict[str, tuple[float, float, int]], spread: float | None = None) -> Comparison:
+def judge(
+    comparison: Comparison, stats: dict[str, tuple[float, float, int]], spread: float | None = None
+) -> Comparison:
     """Fills in our difference and outcome; `stats` maps point -> (mean, std, seeds) in [0, 1];
     `spread`: the seed std to use (default: pooled over `stats`)."""
     if comparison.better not in stats or comparison.worse not in stats:
@@ -76,9 +80,13 @@ def verdict(comparisons: list[Comparison]) -> str:
     judged = [c for c in comparisons if c.outcome != "not run"]
     if not judged:
         return "no verdict: none of the points the paper names was run"
-    counts = {o: sum(c.outcome == o for c in judged) for o in ("agrees", "contradicts", "within noise", "no spread")}
-    detail = (f"{counts['agrees']} of {len(judged)} orderings agree, {counts['contradicts']} contradict, "
-              f"{counts['within noise'] + counts['no spread']} within noise or without spread")
+    counts = {
+        o: sum(c.outcome == o for c in judged) for o in ("agrees", "contradicts", "within noise", "no spread")
+    }
+    detail = (
+        f"{counts['agrees']} of {len(judged)} orderings agree, {counts['contradicts']} contradict, "
+        f"{counts['within noise'] + counts['no spread']} within noise or without spread"
+    )
     if counts["contradicts"]:
         return f"not reproduced at this scale ({detail})"
     if counts["agrees"] == len(judged):

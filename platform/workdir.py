@@ -1,5 +1,6 @@
 """The workdir (checkpoints, Ray state, the default MLflow store): paths that stay inside it,
 locks between concurrent `sslab` processes, and small files written atomically."""
+
 from __future__ import annotations
 
 import contextlib

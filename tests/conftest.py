@@ -37,6 +37,7 @@ def make_method(tiny_raw):
         study = build_study(tiny_raw)
         data = load_dataset(study.data)
         return build_method(study, data, torch.device("cpu"), total_steps=100), data
+
     return make
 
 

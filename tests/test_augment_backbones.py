@@ -10,12 +10,12 @@ from sslab.platform.data import make_synthetic
 
 def test_augment_draws_parameters_per_sample():
     images, _, _ = make_synthetic(1, 32, seed=0)
-    batch = images.repeat(16, 1, 1, 1)                  # 16 copies of one image
+    batch = images.repeat(16, 1, 1, 1)  # 16 copies of one image
     augment = Augment(AugmentRecipe(blur_p=0.5, solarize_p=0.2), 32, Normalize(*channel_stats(batch)))
     views = augment(batch)
     assert views.shape == (16, 3, 32, 32) and views.dtype == torch.float32
     distinct = {tuple(v.flatten()[:64].tolist()) for v in views}
-    assert len(distinct) == 16                          # a batch-wide crop would give 1
+    assert len(distinct) == 16  # a batch-wide crop would give 1
 
 
 def test_recipe_overrides_only_fields_set():
@@ -37,11 +37,14 @@ def test_resnet18_matches_torchvision_parameter_count():
     assert dim == 512 and sum(p.numel() for p in ours.parameters()) == expected
 
 
-@pytest.mark.parametrize("cfg, dim", [
-    (BackboneConfig(name="resnet18", width=0.5), 256),
-    (BackboneConfig(name="resnet50", width=0.125), 64 * 4),   # Bottleneck expansion 4
-    (BackboneConfig(name="vit_tiny", patch_size=8), 192),
-])
+@pytest.mark.parametrize(
+    "cfg, dim",
+    [
+        (BackboneConfig(name="resnet18", width=0.5), 256),
+        (BackboneConfig(name="resnet50", width=0.125), 64 * 4),  # Bottleneck expansion 4
+        (BackboneConfig(name="vit_tiny", patch_size=8), 192),
+    ],
+)
 def test_backbones_map_images_to_features(cfg, dim):
     net, feature_dim = build_backbone(cfg, 32)
     out = net(torch.randn(2, 3, 32, 32))

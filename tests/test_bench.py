@@ -1,4 +1,5 @@
 """`sslab bench` runs its three paths and writes comparable numbers (no timing is asserted)."""
+
 import json
 
 from sslab.platform.cli import main
@@ -6,8 +7,29 @@ from sslab.platform.cli import main
 
 def test_bench_writes_side_by_side_results(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--width", "0.125", "--batch-size", "16", "--steps", "1", "--rounds", "2", "--warmup", "1",
-                 "--images", "64", "--loader-workers", "0", "--device", "cpu", "--out", str(out)])
+    code = main(
+        [
+            "bench",
+            "--width",
+            "0.125",
+            "--batch-size",
+            "16",
+            "--steps",
+            "1",
+            "--rounds",
+            "2",
+            "--warmup",
+            "1",
+            "--images",
+            "64",
+            "--loader-workers",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text())
     assert set(result["paths"]) == {"sslab", "bare", "dataloader"}

@@ -4,9 +4,8 @@ import sys
 import pytest
 import yaml
 
-from sslab.platform.cli import main
-
 from conftest import REPO
+from sslab.platform.cli import main
 
 
 def test_methods_lists_simclr_with_its_arguments(capsys):
@@ -24,8 +23,9 @@ def test_validate_names_the_trials(tmp_path, tiny_raw, capsys):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "sslab.platform.cli", "--help"], cwd=REPO,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "sslab.platform.cli", "--help"], cwd=REPO, capture_output=True, text=True
+    )
     assert out.returncode == 0 and "validate" in out.stdout
 
 
@@ -39,7 +39,7 @@ def test_run_then_report_from_the_command_line(ray_cluster, tmp_path, tiny_raw, 
     first = report.read_text()
     assert "random init" in first and "seed=0" in first
     report.unlink()
-    assert main(["report", str(path), *common]) == 0     # rebuilt from MLflow alone
+    assert main(["report", str(path), *common]) == 0  # rebuilt from MLflow alone
     assert report.read_text() == first
     assert (tmp_path / "runs" / "mlflow.db").exists()
 

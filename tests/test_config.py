@@ -1,11 +1,11 @@
 """Study validation: every error is one line naming the file and key, exit 2, nothing written."""
-import yaml
-import pytest
 
-from sslab.platform.cli import main
-from sslab.platform.config import ConfigError, build_study, flatten, load_study
+import pytest
+import yaml
 
 from conftest import REPO
+from sslab.platform.cli import main
+from sslab.platform.config import ConfigError, build_study, flatten, load_study
 
 
 def write(tmp_path, raw):
@@ -19,18 +19,21 @@ def test_quickstart_is_valid():
     assert study.method == "simclr" and study.name == "quickstart"
 
 
-@pytest.mark.parametrize("change, key", [
-    ({"train": {"epoks": 2}}, "train.epoks"),
-    ({"train": {"epochs": "two"}}, "train.epochs"),
-    ({"train": {"batch_size": -8}}, "train.batch_size"),
-    ({"method_args": {"temperature": 0}}, "method_args.temperature"),
-    ({"method_args": {"temprature": 0.1}}, "method_args.temprature"),
-    ({"method": "simclrr"}, "method"),
-    ({"data": {"name": "imagefolder", "root": "/no/such/folder"}}, "data.root"),
-    ({"data": {"name": "cifar10", "root": "/no/such/folder"}}, "data.root"),
-    ({"backbone": {"name": "resnet19"}}, "backbone.name"),
-    ({"sweep": {"method_args.temperature": [0.1, -1]}}, "sweep.method_args.temperature"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"train": {"epoks": 2}}, "train.epoks"),
+        ({"train": {"epochs": "two"}}, "train.epochs"),
+        ({"train": {"batch_size": -8}}, "train.batch_size"),
+        ({"method_args": {"temperature": 0}}, "method_args.temperature"),
+        ({"method_args": {"temprature": 0.1}}, "method_args.temprature"),
+        ({"method": "simclrr"}, "method"),
+        ({"data": {"name": "imagefolder", "root": "/no/such/folder"}}, "data.root"),
+        ({"data": {"name": "cifar10", "root": "/no/such/folder"}}, "data.root"),
+        ({"backbone": {"name": "resnet19"}}, "backbone.name"),
+        ({"sweep": {"method_args.temperature": [0.1, -1]}}, "sweep.method_args.temperature"),
+    ],
+)
 def test_bad_study_exits_2_naming_file_and_key(tmp_path, tiny_raw, capsys, change, key):
     for section, value in change.items():
         if isinstance(value, dict) and isinstance(tiny_raw.get(section), dict):
@@ -62,8 +65,9 @@ def test_overrides_by_dotted_path(tmp_path, tiny_raw):
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path, tiny_raw):
     # PyYAML (YAML 1.1) would read `1e-5` as a string; lr and weight decay are written that way.
     path = tmp_path / "study.yaml"
-    path.write_text(f"name: tiny\nmethod: simclr\ntrain: {{lr: 3e-2, weight_decay: 1e-5}}\n"
-                    f"data: {tiny_raw['data']}\n")
+    path.write_text(
+        f"name: tiny\nmethod: simclr\ntrain: {{lr: 3e-2, weight_decay: 1e-5}}\ndata: {tiny_raw['data']}\n"
+    )
     study, _ = load_study(path, ["train.warmup_epochs=5e-1"])
     assert (study.train.lr, study.train.weight_decay, study.train.warmup_epochs) == (0.03, 1e-5, 0.5)
 
@@ -95,9 +99,13 @@ def test_sweep_points_cross_the_grid_and_carry_their_own_settings(tiny_raw):
     from sslab.platform.study import expand_trials
 
     tiny_raw["seeds"] = [0, 1]
-    tiny_raw["sweep"] = {"train.batch_size": [32, 64],
-                         "points": [{"method": "simclr"},
-                                    {"method": "moco_v2", "train.lr": 0.06, "method_args.queue_size": 128}]}
+    tiny_raw["sweep"] = {
+        "train.batch_size": [32, 64],
+        "points": [
+            {"method": "simclr"},
+            {"method": "moco_v2", "train.lr": 0.06, "method_args.queue_size": 128},
+        ],
+    }
     trials = expand_trials(build_study(tiny_raw), tiny_raw)
     assert len(trials) == 2 * 2 * 2
     moco = [t for t in trials if t.study.method == "moco_v2"]
@@ -123,5 +131,6 @@ def test_resume_without_an_earlier_run_is_a_clear_error(tmp_path, tiny_raw, caps
 @pytest.mark.parametrize("path", sorted((REPO / "studies").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_study_validates(path):
     from sslab.platform.study import expand_trials
+
     study, raw = load_study(path)
     assert study.name == path.stem and expand_trials(study, raw)

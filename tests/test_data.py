@@ -12,12 +12,13 @@ def test_synthetic_is_deterministic_balanced_and_varied():
     assert torch.equal(a, b) and torch.equal(la, lb) and not torch.equal(a, c)
     assert a.dtype == torch.uint8 and a.shape == (200, 3, 24, 24)
     assert torch.bincount(la, minlength=10).tolist() == [20] * len(SYNTHETIC_CLASSES)
-    assert a.float().std() > 20   # real structure, not a flat colour
+    assert a.float().std() > 20  # real structure, not a flat colour
     assert len(captions) == 200 and all(c.startswith("a ") and " on " in c for c in captions)
 
 
 def test_synthetic_captions_name_the_shape_and_colours_drawn():
     from sslab.platform.data import SHAPE_WORDS, colour_names
+
     _, labels, captions = make_synthetic(50, 16, seed=0)
     for label, text in zip(labels.tolist(), captions):
         assert f" {SHAPE_WORDS[label]} on " in text
@@ -48,7 +49,7 @@ def test_imagefolder_decodes_labels_resizes_and_caches(tmp_path):
     assert data.train_images.shape == (12, 3, 16, 16) and data.train_images.dtype == torch.uint8
     assert data.train_labels.tolist() == [0] * 6 + [1] * 6
     assert data.train_images[6:].float().mean() > data.train_images[:6].float().mean()  # dogs brighter
-    again = load_dataset(cfg)   # from the cache
+    again = load_dataset(cfg)  # from the cache
     assert torch.equal(again.train_images, data.train_images)
 
 

@@ -1,4 +1,5 @@
 """DINO and CLIP: losses against the papers' formulas; centre, schedules, crops, captions."""
+
 import math
 
 import pytest
@@ -11,15 +12,18 @@ from sslab.platform.config import build_study
 from sslab.platform.data import load_dataset
 from sslab.platform.train import build_method
 
-TINY_SGD = {"name": "t", "data": {"name": "synthetic", "train_size": 64, "test_size": 32, "image_size": 16},
-            "train": {"optimizer": "sgd", "lr": 0.1, "batch_size": 32}}
+TINY_SGD = {
+    "name": "t",
+    "data": {"name": "synthetic", "train_size": 64, "test_size": 32, "image_size": 16},
+    "train": {"optimizer": "sgd", "lr": 0.1, "batch_size": 32},
+}
 
 
 def test_dino_loss_matches_eq3():
     """DINO eq. (3): sum_{x in globals} sum_{x' != x} H(P_t(x), P_s(x')), with
     P_t = softmax((g_t - c)/tau_t) and H(a, b) = -a . log b; here averaged over the pairs."""
     g = torch.Generator().manual_seed(0)
-    student = [torch.randn(3, 5, generator=g) for _ in range(4)]     # 2 global + 2 local
+    student = [torch.randn(3, 5, generator=g) for _ in range(4)]  # 2 global + 2 local
     teacher = [torch.randn(3, 5, generator=g) for _ in range(2)]
     center, ts, tt = torch.randn(1, 5, generator=g), 0.1, 0.04
     total, pairs = 0.0, 0
@@ -35,8 +39,6 @@ def test_dino_loss_matches_eq3():
     assert dino_loss(student, teacher, center, ts, tt).item() == pytest.approx(total / pairs, rel=1e-4)
 
 
-
-
 def test_dino_center_is_an_ema_of_teacher_outputs(make_method):
     dino, _ = make_method("dino", out_dim=8, center_momentum=0.9)
     dino.update_center(torch.ones(1, 8))
@@ -47,9 +49,10 @@ def test_dino_center_is_an_ema_of_teacher_outputs(make_method):
 
 def test_dino_teacher_temperature_warms_up_linearly(make_method):
     dino, _ = make_method("dino", warmup_teacher_temp=0.04, teacher_temp=0.07, teacher_temp_warmup=0.3)
-    assert dino.teacher_temp(0) == pytest.approx(0.04)
-    assert dino.teacher_temp(15) == pytest.approx(0.055)
-    assert dino.teacher_temp(30) == dino.teacher_temp(99) == pytest.approx(0.07)
+    # 30 warm-up steps of 100; like the learning rate, step k runs the value at (k + 1) / 30
+    assert dino.teacher_temp(0) == pytest.approx(0.04 + 0.03 / 30)
+    assert dino.teacher_temp(14) == pytest.approx(0.055)
+    assert dino.teacher_temp(29) == dino.teacher_temp(30) == dino.teacher_temp(99) == pytest.approx(0.07)
 
 
 def test_dino_multi_crop_views(make_method):
@@ -64,17 +67,18 @@ def test_dino_multi_crop_views(make_method):
 def test_dino_last_layer_is_frozen_for_its_fraction_of_training(make_method):
     """DINO's code (freeze_last_layer): the prototypes get no update at first, then do; the rest
     of the student trains from the first step."""
-    from sslab.platform.train import build_optimizer, train_step
+    from sslab.platform.optim import build_optimizer
+    from sslab.platform.train import train_step
 
-    dino, data = make_method("dino", out_dim=16, local_crops=0, freeze_last_layer=0.5)   # 50 of 100 steps
+    dino, data = make_method("dino", out_dim=16, local_crops=0, freeze_last_layer=0.5)  # 50 of 100 steps
     optimizer = build_optimizer(dino, build_study({**TINY_SGD, "method": "dino"}).train)
     last, first = dino.head.last.weight, dino.head.mlp[0].weight
     images = data.train_images[:8]
     before_last, before_first = last.detach().clone(), first.detach().clone()
-    train_step(dino, optimizer, images, 49, torch.arange(8), amp=False)
+    train_step(dino, dino, optimizer, images, 49, torch.arange(8), amp=False)
     assert torch.equal(dino.head.last.weight, before_last)
     assert not torch.equal(first, before_first)
-    train_step(dino, optimizer, images, 50, torch.arange(8), amp=False)
+    train_step(dino, dino, optimizer, images, 50, torch.arange(8), amp=False)
     assert not torch.equal(dino.head.last.weight, before_last)
 
 
@@ -82,7 +86,7 @@ def test_dino_head_layers_and_batch_norm(make_method):
     dino, _ = make_method("dino", out_dim=16, head_layers=2, head_batch_norm=True, norm_last_layer=False)
     kinds = [type(m).__name__ for m in dino.head.mlp]
     assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear"]
-    assert dino.head.last.parametrizations.weight.original0.requires_grad   # prototype norms learnt
+    assert dino.head.last.parametrizations.weight.original0.requires_grad  # prototype norms learnt
     plain, _ = make_method("dino", out_dim=16)
     assert [type(m).__name__ for m in plain.head.mlp].count("Linear") == 3
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.head.mlp)
@@ -113,15 +117,15 @@ def test_tokenizer_frames_words_and_pads():
     tok = WordTokenizer(["a red disk on blue", "a blue ring on red"], max_tokens=8)
     ids = tok(["a red ring", "a green disk"])
     assert ids[0, 0] == START and ids[0, 4] == END and (ids[0, 5:] == PAD).all()
-    assert ids[1, 3] == END   # 'green' is not in the vocabulary: dropped
+    assert ids[1, 3] == END  # 'green' is not in the vocabulary: dropped
 
 
 def test_clip_pairs_images_with_their_captions_and_scores_zero_shot(make_method):
     clip, data = make_method("clip")
     assert clip.train_tokens.shape == (len(data.train_images), 16)
-    assert clip.augment.recipe.jitter_p == 0   # captions name colours
+    assert clip.augment.recipe.jitter_p == 0  # captions name colours
     loss, metrics = clip.training_step(data.train_images[:8], 0, torch.arange(8))
-    assert loss.item() == pytest.approx(math.log(8), rel=0.3)   # chance level at init
+    assert loss.item() == pytest.approx(math.log(8), rel=0.3)  # chance level at init
     clip.eval()
     assert 0 <= clip.evaluate(data)["zero_shot_top1"] <= 1
 

@@ -1,8 +1,10 @@
 """Guards of the package layout: platform/ must never shadow the standard library."""
+
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from conftest import REPO
 
@@ -14,10 +16,19 @@ def test_no_init_files_at_top_level():
 
 
 def test_import_platform_from_repo_root_is_stdlib():
-    out = subprocess.run([sys.executable, "-c", "import platform, sslab.platform.train; "
-                          "print(platform.__file__); print(platform.python_version())"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\n")
-    assert Path(out[0]).parent == Path(subprocess.__file__).parent   # the stdlib folder
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import platform, sslab.platform.train; "
+            "print(platform.__file__); print(platform.python_version())",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    assert Path(out[0]).parent == Path(subprocess.__file__).parent  # the stdlib folder
     assert out[1].count(".") == 2
 
 

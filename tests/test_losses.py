@@ -1,4 +1,5 @@
 """Losses against direct transcriptions of the papers' formulas."""
+
 import math
 import os
 
@@ -10,20 +11,21 @@ import torch.multiprocessing as mp
 from sslab.methods.clip import clip_loss
 from sslab.methods.losses import nt_xent
 
-LOSSES = {"nt_xent": lambda a, b: nt_xent(a, b, 0.5),
-          "clip": lambda a, b: clip_loss(a, b, torch.tensor(2.0))}
+LOSSES = {"nt_xent": lambda a, b: nt_xent(a, b, 0.5), "clip": lambda a, b: clip_loss(a, b, torch.tensor(2.0))}
 
 
 def nt_xent_by_the_paper(z1, z2, tau):
     """SimCLR (Chen et al. 2020) eq. (1): l(i,j) = -log exp(sim(z_i,z_j)/tau) /
     sum_{k != i} exp(sim(z_i,z_k)/tau), with L the mean of l(2k-1,2k) + l(2k,2k-1) over 2N."""
-    z = [v for pair in zip(z1, z2) for v in pair]         # views 2k-1, 2k are neighbours
+    z = [v for pair in zip(z1, z2) for v in pair]  # views 2k-1, 2k are neighbours
     sim = lambda a, b: float(a @ b / (a.norm() * b.norm()))
-    def l(i, j):
+
+    def loss_term(i, j):
         denominator = sum(math.exp(sim(z[i], z[k]) / tau) for k in range(len(z)) if k != i)
         return -math.log(math.exp(sim(z[i], z[j]) / tau) / denominator)
+
     n = len(z1)
-    return sum(l(2 * k, 2 * k + 1) + l(2 * k + 1, 2 * k) for k in range(n)) / (2 * n)
+    return sum(loss_term(2 * k, 2 * k + 1) + loss_term(2 * k + 1, 2 * k) for k in range(n)) / (2 * n)
 
 
 @pytest.mark.parametrize("tau", [0.1, 0.5, 1.0])
@@ -42,8 +44,8 @@ def _ddp_worker(rank, world, port, loss_name, z1, z2, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     n = len(z1) // world
-    a = z1[rank * n:(rank + 1) * n].clone().requires_grad_()
-    b = z2[rank * n:(rank + 1) * n].clone().requires_grad_()
+    a = z1[rank * n : (rank + 1) * n].clone().requires_grad_()
+    b = z2[rank * n : (rank + 1) * n].clone().requires_grad_()
     loss = LOSSES[loss_name](a, b)
     loss.backward()
     # DDP averages parameter gradients over ranks; do the same to the inputs' gradients

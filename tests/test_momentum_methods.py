@@ -1,4 +1,5 @@
 """MoCo and BYOL: losses against the papers' formulas, and the EMA / queue updates."""
+
 import math
 
 import pytest
@@ -6,14 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslab.methods.ema import cosine_momentum, ema_update, frozen_copy
+from sslab.methods.ema import ema_update, frozen_copy
 from sslab.methods.losses import byol_regression, embedding_std, info_nce_with_queue
+from sslab.platform.optim import cosine_schedule
 
 
 def test_moco_info_nce_matches_eq1():
     """MoCo eq. (1): L_q = -log exp(q.k+/t) / sum_{i=0..K} exp(q.k_i/t), k_0 = k+, the rest the queue."""
     g = torch.Generator().manual_seed(0)
-    q, k = F.normalize(torch.randn(4, 8, generator=g), dim=1), F.normalize(torch.randn(4, 8, generator=g), dim=1)
+    q, k = (
+        F.normalize(torch.randn(4, 8, generator=g), dim=1),
+        F.normalize(torch.randn(4, 8, generator=g), dim=1),
+    )
     queue = F.normalize(torch.randn(10, 8, generator=g), dim=1)
     t = 0.07
     expected = 0.0
@@ -45,17 +50,16 @@ def test_ema_update_leaves_the_targets_own_batch_norm_statistics():
     """Only parameters are averaged (MoCo's code: param_k = m param_k + (1-m) param_q); the
     target's BN statistics come from its own forward passes, matching its own weights."""
     online, target = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
-    online(torch.randn(16, 3) + 5.0)                       # online statistics move to ~5
+    online(torch.randn(16, 3) + 5.0)  # online statistics move to ~5
     ema_update(target, online, 0.5)
     assert torch.equal(target.running_mean, torch.zeros(3))
 
 
 def test_byol_tau_rises_from_base_to_one_on_a_cosine():
-    assert cosine_momentum(0, 100, 0.99) == pytest.approx(0.99)
-    assert cosine_momentum(50, 100, 0.99) == pytest.approx(0.995)
-    assert cosine_momentum(100, 100, 0.99) == pytest.approx(1.0)
-
-
+    # BYOL Sec. 3.2: tau = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2
+    for k in (0, 25, 50, 100):
+        expected = 1 - (1 - 0.99) * (math.cos(math.pi * k / 100) + 1) / 2
+        assert cosine_schedule(k, 100, start=0.99, end=1.0) == pytest.approx(expected)
 
 
 def test_moco_queue_is_fifo_and_wraps(make_method):
@@ -104,4 +108,4 @@ def test_moco_single_worker_shuffle_bn_normalises_keys_in_shuffled_groups(make_m
     grouped = moco._key_forward(x)
     assert grouped.shape == whole.shape and not torch.allclose(grouped, whole, atol=1e-4)
     moco.args.shuffle_bn_groups = 1
-    assert torch.allclose(moco._key_forward(x), whole, atol=1e-5)   # order restored
+    assert torch.allclose(moco._key_forward(x), whole, atol=1e-5)  # order restored

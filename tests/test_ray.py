@@ -1,5 +1,6 @@
 """Real Ray runs (slow: one local cluster for all): parallel trials logging to one sqlite store,
 and a 2-worker DDP trial through Ray Train's TorchTrainer."""
+
 import json
 import os
 import re
@@ -16,8 +17,14 @@ pytestmark = pytest.mark.ray
 
 def _run(tmp_path, raw):
     study = build_study(raw)
-    return run_study(study, raw, "# test\n", tmp_path / "runs",
-                     tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", command="sslab run tiny.yaml")
+    return run_study(
+        study,
+        raw,
+        "# test\n",
+        tmp_path / "runs",
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        command="sslab run tiny.yaml",
+    )
 
 
 def _children(result):
@@ -32,14 +39,18 @@ def test_parallel_seed_trials_each_get_a_finished_child_run(ray_cluster, tmp_pat
     assert result["status"] == "FINISHED"
     tracker, runs = _children(result)
     names = sorted(r.data.tags["sslab.trial"] for r in runs)
-    assert names == ["temperature=0.2,seed=0", "temperature=0.2,seed=1",
-                     "temperature=0.5,seed=0", "temperature=0.5,seed=1"]
+    assert names == [
+        "temperature=0.2,seed=0",
+        "temperature=0.2,seed=1",
+        "temperature=0.5,seed=0",
+        "temperature=0.5,seed=1",
+    ]
     for run in runs:
         assert run.info.status == "FINISHED"
         assert run.data.params["method_args.temperature"] in ("0.2", "0.5")
         assert run.data.tags["method"] == "simclr" and run.data.tags["seed"] in ("0", "1")
         history = tracker.client.get_metric_history(run.info.run_id, "loss")
-        assert sorted(m.step for m in history) == [1, 2]     # no metric lost to sqlite locking
+        assert sorted(m.step for m in history) == [1, 2]  # no metric lost to sqlite locking
         assert "random_init_knn_top1" in run.data.metrics and "knn_top1" in run.data.metrics
     parent = tracker.client.get_run(result["parent_run_id"])
     best = max(runs, key=lambda r: r.data.metrics["knn_top1"])
@@ -48,7 +59,7 @@ def test_parallel_seed_trials_each_get_a_finished_child_run(ray_cluster, tmp_pat
     out = build_report("tiny", result["tracking_uri"], tmp_path / "reports" / "tiny")
     text = (out / "report.md").read_text()
     assert "temperature=0.2" in text and "±" in text and "`sslab run tiny.yaml`" in text
-    assert (out / "report.html").read_text().count("data:image/png;base64") == 3   # sweep, loss, kNN
+    assert (out / "report.html").read_text().count("data:image/png;base64") == 3  # sweep, loss, kNN
 
 
 # SimCLR and CLIP gather across ranks with gradients, MoCo gathers keys and shuffles BN across
@@ -60,7 +71,7 @@ def test_two_worker_ddp_trial_through_torch_trainer(ray_cluster, tmp_path, tiny_
     result = _run(tmp_path, tiny_raw)
     assert result["status"] == "FINISHED"
     tracker, runs = _children(result)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"   # rank 0 alone logs
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # rank 0 alone logs
     assert sorted(m.step for m in tracker.client.get_metric_history(runs[0].info.run_id, "loss")) == [1, 2]
     config = tracker.client.download_artifacts(runs[0].info.run_id, "config.json")
     assert '"num_workers": 2' in open(config).read()
@@ -87,9 +98,11 @@ def test_asha_stops_weak_trials_and_leaves_no_run_running(ray_cluster, tmp_path,
     result = _run(tmp_path, tiny_raw)
     tracker, runs = _children(result)
     assert len(runs) == 4
-    epochs = {r.data.tags["sslab.trial"]: len(tracker.client.get_metric_history(r.info.run_id, "loss"))
-              for r in runs}
-    assert min(epochs.values()) < 4 and max(epochs.values()) == 4      # some stopped early
+    epochs = {
+        r.data.tags["sslab.trial"]: len(tracker.client.get_metric_history(r.info.run_id, "loss"))
+        for r in runs
+    }
+    assert min(epochs.values()) < 4 and max(epochs.values()) == 4  # some stopped early
     assert all(r.info.status != "RUNNING" for r in runs)
     stopped = [r for r in runs if epochs[r.data.tags["sslab.trial"]] < 4]
     assert [r.info.status for r in stopped] == ["KILLED"] * len(stopped)
@@ -112,16 +125,29 @@ def test_killed_driver_resumes_only_unfinished_trials(tmp_path, tiny_raw):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_raw))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = dict(os.environ, RAY_ADDRESS="",
-               RAY_TMPDIR=tempfile.mkdtemp(prefix="sslabk", dir="/tmp"))
-    command = [sys.executable, "-m", "sslab.platform.cli", "run", str(path), "--workdir",
-               str(tmp_path / "runs"), "--tracking-uri", uri, "--reports", str(tmp_path / "reports")]
-    driver = subprocess.Popen(command, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, RAY_ADDRESS="", RAY_TMPDIR=tempfile.mkdtemp(prefix="sslabk", dir="/tmp"))
+    command = [
+        sys.executable,
+        "-m",
+        "sslab.platform.cli",
+        "run",
+        str(path),
+        "--workdir",
+        str(tmp_path / "runs"),
+        "--tracking-uri",
+        uri,
+        "--reports",
+        str(tmp_path / "reports"),
+    ]
+    driver = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     tracker, deadline = Tracker(uri), time.time() + 240
     finished = []
     while time.time() < deadline and driver.poll() is None:
-        experiment = tracker.client.get_experiment_by_name("tiny") if (tmp_path / "mlflow.db").exists() else None
+        experiment = (
+            tracker.client.get_experiment_by_name("tiny") if (tmp_path / "mlflow.db").exists() else None
+        )
         runs = tracker.client.search_runs([experiment.experiment_id]) if experiment else []
         finished = [r for r in runs if r.data.tags.get("sslab.trial") and r.info.status == "FINISHED"]
         if finished:
@@ -171,10 +197,15 @@ def test_pbt_copies_the_better_trial_and_mutates_its_temperature(ray_cluster, tm
     tiny_raw["eval"] = {"knn_k": 20, "knn_every": 1, "protocols": ["knn"]}
     tiny_raw["sweep"] = {"method_args.temperature": [0.2, 0.5]}
     # metric: loss (continuous, no ties: one trial always ranks below the other at epoch 2)
-    tiny_raw["scheduler"] = {"name": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
-                             "metric": "loss", "mode": "min",
-                             "resample_probability": 0.0,
-                             "mutations": {"method_args.temperature": [0.1, 0.2, 0.5, 1.0]}}
+    tiny_raw["scheduler"] = {
+        "name": "pbt",
+        "perturbation_interval": 2,
+        "quantile_fraction": 0.5,
+        "metric": "loss",
+        "mode": "min",
+        "resample_probability": 0.0,
+        "mutations": {"method_args.temperature": [0.1, 0.2, 0.5, 1.0]},
+    }
     result = _run(tmp_path, tiny_raw)
     assert result["status"] == "FINISHED"
     tracker, runs = _children(result)
@@ -184,7 +215,7 @@ def test_pbt_copies_the_better_trial_and_mutates_its_temperature(ray_cluster, tm
     for run in runs:
         assert run.info.status == "FINISHED"
         loss = tracker.client.get_metric_history(run.info.run_id, "loss")
-        assert sorted(m.step for m in loss) == [1, 2, 3, 4]          # each epoch once, across the copy
+        assert sorted(m.step for m in loss) == [1, 2, 3, 4]  # each epoch once, across the copy
         history = sorted((m.step, m.value) for m in tracker.client.get_metric_history(run.info.run_id, key))
         assert [step for step, _ in history] == [1, 2, 3, 4]
         schedules[run.data.tags["sslab.trial"]] = [value for _, value in history]
@@ -210,11 +241,11 @@ def _listening_sockets(pids: set[int]) -> list[tuple[int, str, int]]:
     for family, table in ((socket.AF_INET, "/proc/net/tcp"), (socket.AF_INET6, "/proc/net/tcp6")):
         for row in Path(table).read_text().splitlines()[1:]:
             fields = row.split()
-            if fields[3] != "0A":   # TCP_LISTEN
+            if fields[3] != "0A":  # TCP_LISTEN
                 continue
             address, port = fields[1].split(":")
             raw = bytes.fromhex(address)
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))   # host-order words
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # host-order words
             listening[fields[9]] = (socket.inet_ntop(family, raw), int(port, 16))
     found = []
     for pid in pids:
@@ -255,15 +286,17 @@ def test_local_cluster_listens_on_loopback_only_and_requires_a_token(ray_cluster
 
     worker = ray_cluster.get(pid.remote())
     processes = _descendants(os.getpid())
-    assert worker in processes                              # workers too are Ray's children
+    assert worker in processes  # workers too are Ray's children
     sockets = _listening_sockets(processes)
-    assert len({p for p, _, _ in sockets}) >= 4             # GCS, raylet, dashboard, agents, workers
+    assert len({p for p, _, _ in sockets}) >= 4  # GCS, raylet, dashboard, agents, workers
     exposed = [(p, a, port) for p, a, port in sockets if a not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
     assert not exposed, exposed
     node = ray_cluster._private.worker._global_node
     agent = f"127.0.0.1:{node.dashboard_agent_listen_port}"
-    for url, data in ((f"http://{node.address_info['webui_url']}/api/jobs/", None),
-                      (f"http://{agent}/api/job_agent/jobs/", b'{"entrypoint": "true"}')):
+    for url, data in (
+        (f"http://{node.address_info['webui_url']}/api/jobs/", None),
+        (f"http://{agent}/api/job_agent/jobs/", b'{"entrypoint": "true"}'),
+    ):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=10)
         assert refused.value.code == 401, url

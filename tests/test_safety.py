@@ -1,5 +1,6 @@
 """Safe by default: bad input is one exit-2 line with nothing written, and faults lose no work.
 (The local cluster's network exposure is checked against a real Ray in test_ray.py.)"""
+
 import json
 import os
 import subprocess
@@ -11,10 +12,9 @@ import pytest
 import torch
 import yaml
 
+from conftest import REPO
 from sslab.platform.cli import main
 from sslab.platform.config import build_study
-
-from conftest import REPO
 
 
 def write(tmp_path, raw, name="study.yaml"):
@@ -25,8 +25,17 @@ def write(tmp_path, raw, name="study.yaml"):
 
 def assert_refused(capsys, tmp_path, path, *extra, key=None, says=None):
     before = set(tmp_path.rglob("*"))
-    code = main(["run", str(path), "--workdir", str(tmp_path / "runs"),
-                 "--reports", str(tmp_path / "reports"), *extra])
+    code = main(
+        [
+            "run",
+            str(path),
+            "--workdir",
+            str(tmp_path / "runs"),
+            "--reports",
+            str(tmp_path / "reports"),
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert err.count("\n") == 0 and str(path) in err, err
@@ -40,6 +49,7 @@ def assert_refused(capsys, tmp_path, path, *extra, key=None, says=None):
 
 # ----------------------------------------------------------------------------- study names
 
+
 @pytest.mark.parametrize("name", ["../../x", "/tmp/abs", "..", "a/b", "a\nb", "", ".hidden", "x" * 101])
 def test_study_names_that_would_be_paths_are_refused(tmp_path, tiny_raw, capsys, name):
     tiny_raw["name"] = name
@@ -47,8 +57,19 @@ def test_study_names_that_would_be_paths_are_refused(tmp_path, tiny_raw, capsys,
 
 
 def test_report_refuses_a_name_that_is_a_path(tmp_path, capsys):
-    assert main(["report", "../escape", "--workdir", str(tmp_path / "runs"),
-                 "--reports", str(tmp_path / "reports")]) == 2
+    assert (
+        main(
+            [
+                "report",
+                "../escape",
+                "--workdir",
+                str(tmp_path / "runs"),
+                "--reports",
+                str(tmp_path / "reports"),
+            ]
+        )
+        == 2
+    )
     assert "STUDY" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
@@ -66,20 +87,24 @@ def test_trial_folders_stay_inside_the_invocation(tmp_path):
 
 # ----------------------------------------------------------------------------- validation
 
-@pytest.mark.parametrize("change, key", [
-    ({"train": {"lr": float("inf")}}, "train.lr"),
-    ({"train": {"lr": float("nan")}}, "train.lr"),
-    ({"method_args": {"temperature": float("inf")}}, "method_args.temperature"),
-    ({"seeds": []}, "seeds"),
-    ({"seeds": [0, 1, 0]}, "seeds[2]"),
-    ({"sweep": {"method_args.temperature": [0.1, 0.5, 0.1]}}, "sweep.method_args.temperature"),
-    ({"sweep": {"points": [{"train.lr": 0.1}, {"train.lr": 0.1}]}}, "sweep.points"),
-    ({"paper": {"results": {"seed=0": "high"}}}, "paper.results"),
-    ({"train": {"batch_size": 512}}, "train.batch_size"),            # 256 training images
-    ({"data": {"subset": 40}}, "train.batch_size"),                   # batch 64 > 40 kept
-    ({"train": {"cpus_per_worker": 64}}, "train.cpus_per_worker"),    # more than this machine
-    ({"train": {"num_workers": 2, "cpus_per_worker": 8}}, "train.cpus_per_worker"),
-])
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"train": {"lr": float("inf")}}, "train.lr"),
+        ({"train": {"lr": float("nan")}}, "train.lr"),
+        ({"method_args": {"temperature": float("inf")}}, "method_args.temperature"),
+        ({"seeds": []}, "seeds"),
+        ({"seeds": [0, 1, 0]}, "seeds[2]"),
+        ({"sweep": {"method_args.temperature": [0.1, 0.5, 0.1]}}, "sweep.method_args.temperature"),
+        ({"sweep": {"points": [{"train.lr": 0.1}, {"train.lr": 0.1}]}}, "sweep.points"),
+        ({"paper": {"results": {"seed=0": "high"}}}, "paper.results"),
+        ({"train": {"batch_size": 512}}, "train.batch_size"),  # 256 training images
+        ({"data": {"subset": 40}}, "train.batch_size"),  # batch 64 > 40 kept
+        ({"train": {"cpus_per_worker": 64}}, "train.cpus_per_worker"),  # more than this machine
+        ({"train": {"num_workers": 2, "cpus_per_worker": 8}}, "train.cpus_per_worker"),
+    ],
+)
 def test_input_that_used_to_fail_inside_a_trial_is_refused_up_front(tmp_path, tiny_raw, capsys, change, key):
     for section, value in change.items():
         if isinstance(value, dict) and isinstance(tiny_raw.get(section), dict):
@@ -119,6 +144,7 @@ def test_bad_yaml_in_an_override_and_a_non_utf8_file(tmp_path, tiny_raw, capsys)
 
 
 # ----------------------------------------------------------------------------- image folders
+
 
 def make_folder(root, classes=("a", "b"), per_class=8, size=12):
     from torchvision.io import write_png
@@ -177,7 +203,7 @@ def test_image_cache_reads_an_image_edited_in_place_again(tmp_path, monkeypatch)
     first = load_dataset(cfg).train_images.clone()
     edited = data / "train" / "a" / "000.png"
     write_png(torch.zeros(3, 12, 12, dtype=torch.uint8), str(edited))
-    os.utime(edited, ns=(time.time_ns(), time.time_ns() + 1_000_000))   # a later mtime, whatever the clock
+    os.utime(edited, ns=(time.time_ns(), time.time_ns() + 1_000_000))  # a later mtime, whatever the clock
     scan_image_folder.cache_clear()
     second = load_dataset(cfg).train_images
     assert (first[0] != 0).any() and (second[0] == 0).all()
@@ -185,6 +211,7 @@ def test_image_cache_reads_an_image_edited_in_place_again(tmp_path, monkeypatch)
 
 
 # ----------------------------------------------------------------------------- resume, stores, locks
+
 
 def fake_invocation(tmp_path, tiny_raw, uri):
     """The state `sslab run` leaves before its trials start: parent run, latest.json, study.json."""
@@ -200,9 +227,20 @@ def test_resume_with_changed_settings_is_refused(tmp_path, tiny_raw, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     path = write(tmp_path, tiny_raw)
     fake_invocation(tmp_path, tiny_raw, uri)
-    capsys.readouterr()   # MLflow's set-up messages
-    err = assert_refused(capsys, tmp_path, path, "--resume", "--tracking-uri", uri,
-                         "--set", "train.lr=0.05", "--set", "train.epochs=5", key="--resume")
+    capsys.readouterr()  # MLflow's set-up messages
+    err = assert_refused(
+        capsys,
+        tmp_path,
+        path,
+        "--resume",
+        "--tracking-uri",
+        uri,
+        "--set",
+        "train.lr=0.05",
+        "--set",
+        "train.epochs=5",
+        key="--resume",
+    )
     assert "train.lr: 0.1 -> 0.05" in err and "train.epochs: 2 -> 5" in err
 
 
@@ -210,7 +248,7 @@ def test_resume_after_the_store_was_deleted_is_a_clear_error(tmp_path, tiny_raw,
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     path = write(tmp_path, tiny_raw)
     fake_invocation(tmp_path, tiny_raw, uri)
-    capsys.readouterr()   # MLflow's set-up messages
+    capsys.readouterr()  # MLflow's set-up messages
     (tmp_path / "mlflow.db").unlink()
     err = assert_refused(capsys, tmp_path, path, "--resume", "--tracking-uri", uri)
     assert "no MLflow store" in err and not (tmp_path / "mlflow.db").exists()
@@ -249,7 +287,9 @@ def test_a_second_run_of_a_running_study_is_refused(tmp_path, tiny_raw, capsys):
     same study in the same workdir would share latest.json and the report, and is refused."""
     path = write(tmp_path, tiny_raw)
     lock = tmp_path / "runs" / "studies" / "tiny" / ".lock"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock), "60"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(lock), "60"], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         code = main(["run", str(path), "--workdir", str(tmp_path / "runs"), "--reports", str(tmp_path / "r")])
@@ -276,10 +316,17 @@ OPEN_STORE = textwrap.dedent("""
 def test_two_runs_on_a_fresh_workdir_set_up_the_store_in_turn(tmp_path):
     """MLflow's first-time migrations raced ('table ... already exists') when two runs created
     the sqlite store at the same moment."""
-    start = time.time() + 4   # both processes past their imports, then off together
-    procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, str(tmp_path / "runs"), str(start), name],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-             for name in ("first", "second")]
+    start = time.time() + 4  # both processes past their imports, then off together
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_STORE, str(tmp_path / "runs"), str(start), name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for name in ("first", "second")
+    ]
     outcomes = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-800:] for _, err in outcomes]
 
@@ -291,14 +338,16 @@ def test_latest_invocation_file_is_replaced_atomically(tmp_path):
     atomic_write_json(target, {"parent_run_id": "a"})
     atomic_write_json(target, {"parent_run_id": "b"})
     assert json.loads(target.read_text()) == {"parent_run_id": "b"}
-    assert [p.name for p in tmp_path.iterdir()] == ["latest.json"]   # no temporary left
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.json"]  # no temporary left
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
+
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_raw, capsys):
     from sslab.platform.data import load_dataset
-    from sslab.platform.train import build_method, build_optimizer, load_checkpoint, save_checkpoint
+    from sslab.platform.optim import build_optimizer
+    from sslab.platform.train import build_method, load_checkpoint, save_checkpoint
 
     study = build_study(tiny_raw)
     data = load_dataset(study.data)
@@ -311,7 +360,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_raw,
         for p in method.parameters():
             p.add_(1.0)
     save_checkpoint(path, method, optimizer, epoch=2, step=8)
-    path.write_bytes(path.read_bytes()[:1000])           # cut short after it was written
+    path.write_bytes(path.read_bytes()[:1000])  # cut short after it was written
     assert load_checkpoint(path, method, optimizer, torch.device("cpu")) == (1, 4)
     assert all(torch.equal(v, first[k]) for k, v in method.state_dict().items())
     assert "unreadable" in capsys.readouterr().err

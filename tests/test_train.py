@@ -1,4 +1,5 @@
 """The training loop in-process: checkpoints, resume after a kill, failures, every method."""
+
 import signal
 import subprocess
 import sys
@@ -10,10 +11,9 @@ import torch
 from sslab.methods.registry import METHODS
 from sslab.platform.config import build_study
 from sslab.platform.data import load_dataset
-from sslab.platform.train import (CHECKPOINT_NAME, LARS, build_method, learning_rate,
-                                  train_loop, trial_config)
+from sslab.platform.optim import LARS, learning_rate
 from sslab.platform.tracking import Tracker, TrialTracking
-
+from sslab.platform.train import CHECKPOINT_NAME, build_method, train_loop, trial_config
 
 
 def test_two_epochs_write_checkpoint_and_metrics(tmp_path, tiny_raw):
@@ -46,8 +46,8 @@ def test_warmup_then_cosine():
 
 
 def test_lars_scales_update_by_trust_ratio():
-    p = torch.nn.Parameter(torch.full((4,), 2.0))      # ||p|| = 4
-    p.grad = torch.full((4,), 0.5)                      # ||g|| = 1
+    p = torch.nn.Parameter(torch.full((4,), 2.0))  # ||p|| = 4
+    p.grad = torch.full((4,), 0.5)  # ||g|| = 1
     LARS([p], lr=1.0, momentum=0.0, trust_coefficient=0.1).step()
     # update = lr * eta * ||p|| / ||g|| * g = 0.1 * 4 * 0.5 = 0.2
     assert torch.allclose(p.data, torch.full((4,), 1.8))
@@ -56,7 +56,7 @@ def test_lars_scales_update_by_trust_ratio():
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_takes_two_steps(name, tiny_raw):
     tiny_raw["method"] = name
-    if METHODS[name].backbones:    # MAE: a ViT
+    if METHODS[name].backbones:  # MAE: a ViT
         tiny_raw["backbone"] = {"name": METHODS[name].backbones[0], "width": 0.34}
     study = build_study(tiny_raw)
     data = load_dataset(study.data)
@@ -94,8 +94,14 @@ def test_killed_run_resumes_and_logs_each_epoch_once(tmp_path, tiny_raw, trackin
     experiment = tracker.experiment("kill-test", tmp_path / "artifacts")
     parent = tracker.start_parent(experiment, "parent", {"sslab.role": "study"})
     tracking = TrialTracking(tracking_uri, experiment, parent, "seed=0")
-    args = [sys.executable, "-c", KILL_SCRIPT, json.dumps(tiny_raw), str(tmp_path / "trial"),
-            json.dumps(tracking.__dict__)]
+    args = [
+        sys.executable,
+        "-c",
+        KILL_SCRIPT,
+        json.dumps(tiny_raw),
+        str(tmp_path / "trial"),
+        json.dumps(tracking.__dict__),
+    ]
     first = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoint = tmp_path / "trial" / CHECKPOINT_NAME
     deadline = time.time() + 120
@@ -122,10 +128,13 @@ def test_bf16_autocast_and_channels_last_switches_train(tmp_path, tiny_raw):
     assert torch.isfinite(torch.tensor(metrics["loss"])) and 0 <= metrics["knn_top1"] <= 1
 
 
-@pytest.mark.parametrize("rule, batch, expected", [("none", 512, 0.3), ("linear", 512, 0.6),
-                                                   ("linear", 128, 0.15), ("sqrt", 1024, 0.6)])
+@pytest.mark.parametrize(
+    "rule, batch, expected",
+    [("none", 512, 0.3), ("linear", 512, 0.6), ("linear", 128, 0.15), ("sqrt", 1024, 0.6)],
+)
 def test_batch_size_scales_the_learning_rate_by_the_rule(tiny_raw, rule, batch, expected):
-    from sslab.platform.train import scaled_lr
+    from sslab.platform.optim import scaled_lr
+
     tiny_raw["train"].update(lr=0.3, lr_scaling=rule, batch_size=batch)
     tiny_raw["data"]["train_size"] = 1024
     assert scaled_lr(build_study(tiny_raw).train) == pytest.approx(expected)

@@ -1,21 +1,25 @@
 """Paper claims against our runs: the orderings a claim implies and the verdict on them."""
+
 import math
 
 import pytest
 
 from sslab.platform.verdict import Comparison, expectations, judge, pooled_std, verdict
 
-PAPER = {"results": {"t=0.05": 59.7, "t=0.1": 64.4, "t=0.5": 60.7, "t=1.0": 58.0}, "tie": 1.0,
-         "expect": ["t=0.1 > t=2.0"]}
+PAPER = {
+    "results": {"t=0.05": 59.7, "t=0.1": 64.4, "t=0.5": 60.7, "t=1.0": 58.0},
+    "tie": 1.0,
+    "expect": ["t=0.1 > t=2.0"],
+}
 
 
 def test_orderings_come_from_the_claim_and_from_the_papers_numbers_beyond_the_tie():
     pairs = [(c.better, c.worse) for c in expectations(PAPER)]
-    assert pairs[0] == ("t=0.1", "t=2.0")                   # explicit first
+    assert pairs[0] == ("t=0.1", "t=2.0")  # explicit first
     assert ("t=0.1", "t=0.05") in pairs and ("t=0.5", "t=1.0") in pairs
-    assert ("t=0.5", "t=0.05") in pairs                      # 60.7 vs 59.7: exactly the tie, kept
-    assert ("t=0.05", "t=1.0") in pairs                      # 59.7 vs 58.0
-    assert len(pairs) == 1 + 6                               # all 6 pairs differ by >= 1 point
+    assert ("t=0.5", "t=0.05") in pairs  # 60.7 vs 59.7: exactly the tie, kept
+    assert ("t=0.05", "t=1.0") in pairs  # 59.7 vs 58.0
+    assert len(pairs) == 1 + 6  # all 6 pairs differ by >= 1 point
     assert len(expectations(PAPER | {"tie": 2.0})) == 1 + 4  # 0.5/0.05 and 0.05/1.0 are ties at 2
 
 
@@ -33,7 +37,7 @@ def test_judge_uses_twice_the_standard_error_of_the_difference():
 def test_the_seed_spread_is_pooled_over_points():
     # one point's two seeds agreeing by chance must not make every difference look significant
     stats = {"a": (0.60, 0.0, 2), "b": (0.59, 0.0, 2), "c": (0.50, 0.03, 2), "d": (0.52, 0.04, 3)}
-    assert pooled_std(stats) == pytest.approx(math.sqrt((0.03 ** 2 + 2 * 0.04 ** 2) / 5))
+    assert pooled_std(stats) == pytest.approx(math.sqrt((0.03**2 + 2 * 0.04**2) / 5))
     assert judge(Comparison("a", "b", "claim"), stats).outcome == "within noise"
 
 
@@ -65,11 +69,20 @@ def test_sweep_plot_handles_grids_and_points_with_their_own_keys():
 
     from sslab.platform.report import _plot_sweep
 
-    grid = pd.DataFrame({"trial": ["projection=mlp,eval_on=h,seed=0", "projection=none,eval_on=h,seed=0",
-                                   "projection=mlp,eval_on=z,seed=0"],
-                         "eval/linear_top1": [0.4, 0.3, 0.35], "random_init_linear_top1": [0.2, 0.2, 0.2]})
+    grid = pd.DataFrame(
+        {
+            "trial": [
+                "projection=mlp,eval_on=h,seed=0",
+                "projection=none,eval_on=h,seed=0",
+                "projection=mlp,eval_on=z,seed=0",
+            ],
+            "eval/linear_top1": [0.4, 0.3, 0.35],
+            "random_init_linear_top1": [0.2, 0.2, 0.2],
+        }
+    )
     assert _plot_sweep(grid, "eval/linear_top1", {}, {"method_args.projection": ["none", "mlp"]})
-    points = pd.DataFrame({"trial": ["method=simclr,seed=0", "method=byol,lr=0.3,tau_base=0.9,seed=0"],
-                           "knn_top1": [0.3, 0.25]})
-    assert _plot_sweep(points, "knn_top1", {})          # one bar per point (methods_compare)
+    points = pd.DataFrame(
+        {"trial": ["method=simclr,seed=0", "method=byol,lr=0.3,tau_base=0.9,seed=0"], "knn_top1": [0.3, 0.25]}
+    )
+    assert _plot_sweep(points, "knn_top1", {})  # one bar per point (methods_compare)
     assert _plot_sweep(points, "eval/linear_top1", {}) is None
