@@ -7,13 +7,13 @@ evaluation) belongs to the platform.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
-from sslab.platform.augment import Augment, AugmentRecipe, Normalize
+from sslab.platform.augment import Augment, AugmentRecipe, Normalize, View
 
 
 @dataclass
@@ -36,10 +36,11 @@ class MethodContext:
     feature_dim: int
     image_size: int
     normalize: Normalize  # uint8 -> normalised float (no augmentation): eval input
-    augment: Augment  # uint8 -> one augmented view (per-sample parameters)
+    augment: Augment  # uint8 -> one augmented view (per-sample parameters): views["view"] or the first
     total_steps: int  # for schedules that are pure functions of the step
     world_size: int = 1
     dataset: object = None  # the Dataset (classes, captions), for methods that need more than pixels
+    views: dict = field(default_factory=dict)  # name -> Augment, for every view the method declares
 
 
 class Method(nn.Module):
@@ -55,6 +56,7 @@ class Method(nn.Module):
         self.feature_dim = ctx.feature_dim
         self.normalize = ctx.normalize
         self.augment = ctx.augment
+        self.views = dict(ctx.views)  # a plain dict: views hold no state to train or checkpoint
         self.total_steps = ctx.total_steps
         self.world_size = ctx.world_size
 
@@ -62,6 +64,12 @@ class Method(nn.Module):
     def augment_recipe(cls, args) -> AugmentRecipe:
         """The method's own augmentation; a study's `augment:` section overrides fields of it."""
         return AugmentRecipe()
+
+    @classmethod
+    def views(cls, args, image_size: int) -> dict[str, View]:
+        """The views the method trains on, by name (`self.views[name]` once built). By default one
+        kind, "view", of `augment_recipe` (a method may draw it several times per image)."""
+        return {"view": View(cls.augment_recipe(args))}
 
     def forward(self, images: torch.Tensor, step: int, index: torch.Tensor | None = None):
         """The training step. The platform wraps the whole method in DDP once and calls this;

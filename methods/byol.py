@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,7 @@ from sslab.methods.base import Method, MethodContext
 from sslab.methods.ema import ema_update, frozen_copy
 from sslab.methods.heads import projection_head
 from sslab.methods.losses import byol_regression, embedding_std
-from sslab.platform.augment import Augment, AugmentRecipe
+from sslab.platform.augment import AugmentRecipe, View
 from sslab.platform.config import check
 from sslab.platform.optim import cosine_schedule
 
@@ -34,16 +35,15 @@ class BYOL(Method):
         self.projector = projection_head("mlp", ctx.feature_dim, args.proj_hidden_dim, args.proj_dim)
         self.predictor = projection_head("mlp", args.proj_dim, args.pred_hidden_dim, args.proj_dim)
         self.target_backbone, self.target_projector = frozen_copy(self.backbone), frozen_copy(self.projector)
-        # BYOL's two views are augmented differently (Table 6): blur 1.0 / 0.1, solarize 0 / 0.2.
-        second = AugmentRecipe(**{**vars(ctx.augment.recipe), "blur_p": 0.1, "solarize_p": 0.2})
-        self.augment_second = Augment(second, ctx.image_size, ctx.normalize)
 
     @classmethod
-    def augment_recipe(cls, args) -> AugmentRecipe:
-        return AugmentRecipe(jitter_strength=0.5, jitter_p=0.8, grayscale_p=0.2, blur_p=1.0)
+    def views(cls, args, image_size):
+        # BYOL's two views are augmented differently (Table 6): blur 1.0 / 0.1, solarize 0 / 0.2.
+        first = AugmentRecipe(jitter_strength=0.5, jitter_p=0.8, grayscale_p=0.2, blur_p=1.0)
+        return {"first": View(first), "second": View(dataclasses.replace(first, blur_p=0.1, solarize_p=0.2))}
 
     def training_step(self, images, step, index=None):
-        v1, v2 = self.augment(images), self.augment_second(images)
+        v1, v2 = self.views["first"](images), self.views["second"](images)
         z = self.projector(self.backbone(torch.cat([v1, v2])))
         p1, p2 = self.predictor(z).chunk(2)
         with torch.no_grad():

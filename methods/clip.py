@@ -13,7 +13,7 @@ from torch import nn
 
 from sslab.methods.base import Method, MethodContext
 from sslab.methods.losses import embedding_std
-from sslab.platform.augment import AugmentRecipe
+from sslab.platform.augment import CROP_FLIP, AugmentRecipe
 from sslab.platform.config import check
 from sslab.platform.distributed import gather_with_grad, global_index
 
@@ -124,7 +124,7 @@ class CLIP(Method):
     @classmethod
     def augment_recipe(cls, args) -> AugmentRecipe:
         # Captions name colours: no colour jitter or grayscale, which would make them false.
-        return AugmentRecipe(crop_scale_min=0.5, jitter_p=0.0, grayscale_p=0.0)
+        return CROP_FLIP
 
     def training_step(self, images, step, index=None):
         image = self.image_projection(self.backbone(self.augment(images)))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslab.methods.base import Encoder, Method, MethodContext, image_grid
-from sslab.platform.augment import AugmentRecipe
+from sslab.platform.augment import CROP_FLIP, AugmentRecipe
 from sslab.platform.backbones import spatial_features
 from sslab.platform.config import check
 
@@ -147,7 +147,7 @@ class Colorization(Method):
 
     @classmethod
     def augment_recipe(cls, args) -> AugmentRecipe:
-        return AugmentRecipe(crop_scale_min=0.5, jitter_p=0.0, grayscale_p=0.0)  # colour is the target
+        return CROP_FLIP  # colour is the target
 
     def training_step(self, images, step, index=None):
         lab = rgb_to_lab(self.augment.unit(images))

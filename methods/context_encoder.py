@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call
 
 from sslab.methods.base import Method, MethodContext, image_grid
-from sslab.platform.augment import AugmentRecipe
+from sslab.platform.augment import CROP_FLIP, AugmentRecipe
 from sslab.platform.config import check
 
 
@@ -112,7 +112,7 @@ class ContextEncoder(Method):
 
     @classmethod
     def augment_recipe(cls, args) -> AugmentRecipe:
-        return AugmentRecipe(crop_scale_min=0.5, jitter_p=0.0, grayscale_p=0.0)
+        return CROP_FLIP
 
     def inpaint(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Normalised images -> the decoder's full prediction; dropped pixels enter as 0 (the mean)."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from sslab.methods.base import Encoder, Method, MethodContext
 from sslab.methods.ema import ema_update, frozen_copy
 from sslab.methods.heads import projection_head
 from sslab.methods.losses import embedding_std
-from sslab.platform.augment import Augment, AugmentRecipe
+from sslab.platform.augment import AugmentRecipe, View
 from sslab.platform.config import check
 from sslab.platform.distributed import mean_over_ranks
 from sslab.platform.optim import cosine_schedule
@@ -35,8 +36,7 @@ class DINOArgs:
     center_momentum: float = check(default=0.9, ge=0, le=1)
     momentum_teacher: float = check(default=0.996, ge=0, le=1)  # rises to 1 (cosine)
     local_crops: int = check(default=4, ge=0)
-    global_crop_scale_min: float = check(default=0.4, gt=0, le=1)
-    local_crop_scale_max: float = check(default=0.4, gt=0, le=1)
+    local_crop_size: Optional[int] = check(default=None, ge=8)  # None: the paper's 96/224 of the image
     eval_on: Literal["teacher", "student"] = "teacher"  # the paper evaluates the teacher
 
 
@@ -97,31 +97,22 @@ class DINO(Method):
         self.head = DINOHead(ctx.feature_dim, args)
         self.teacher_backbone, self.teacher_head = frozen_copy(self.backbone), frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(1, args.out_dim))
-        base = ctx.augment.recipe
-        global_recipe = AugmentRecipe(**{**vars(base), "crop_scale_min": args.global_crop_scale_min})
-        self.global_views = [
-            Augment(global_recipe, ctx.image_size, ctx.normalize),
-            Augment(
-                AugmentRecipe(**{**vars(global_recipe), "blur_p": 0.1, "solarize_p": 0.2}),
-                ctx.image_size,
-                ctx.normalize,
-            ),
-        ]
-        local_recipe = AugmentRecipe(
-            **{
-                **vars(base),
-                "crop_scale_min": 0.05,
-                "crop_scale_max": args.local_crop_scale_max,
-                "blur_p": 0.5,
-            }
-        )
-        self.local_size = max(8, ctx.image_size * 96 // 224 // 2 * 2)  # the paper's 96/224 ratio
-        self.local_view = Augment(local_recipe, self.local_size, ctx.normalize)
         self._teacher_mean = None
 
     @classmethod
-    def augment_recipe(cls, args) -> AugmentRecipe:
-        return AugmentRecipe(jitter_strength=0.5, blur_p=1.0)
+    def views(cls, args, image_size):
+        """Multi-crop (Sec. 3.1 and DINO's code): two global crops, scale (0.4, 1), one always
+        blurred and one rarely blurred but sometimes solarised; `local_crops` small crops, scale
+        (0.05, 0.4), blur 0.5. A study changes any of them under `augment.views.<name>`."""
+        first = AugmentRecipe(crop_scale_min=0.4, jitter_strength=0.5, blur_p=1.0)
+        second = dataclasses.replace(first, blur_p=0.1, solarize_p=0.2)
+        local = dataclasses.replace(first, crop_scale_min=0.05, crop_scale_max=0.4, blur_p=0.5)
+        local_size = args.local_crop_size or max(8, image_size * 96 // 224 // 2 * 2)
+        return {
+            "global_1": View(first),
+            "global_2": View(second),
+            "local": View(local, size=local_size, count=args.local_crops),
+        }
 
     def teacher_temp(self, step: int) -> float:
         """Linear warm-up from warmup_teacher_temp, then constant (Sec. 3.1, DINO's code)."""
@@ -136,8 +127,8 @@ class DINO(Method):
         )
 
     def training_step(self, images, step, index=None):
-        globals_ = [view(images) for view in self.global_views]
-        locals_ = [self.local_view(images) for _ in range(self.args.local_crops)]
+        globals_ = [self.views["global_1"](images), self.views["global_2"](images)]
+        locals_ = [self.views["local"](images) for _ in range(self.args.local_crops)]
         # Same-size crops go through the backbone together (one batch per resolution).
         student = self.head(self.backbone(torch.cat(globals_))).chunk(2)
         if locals_:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from sslab.methods.base import Method, MethodContext
 from sslab.methods.heads import projection_head
-from sslab.platform.augment import AugmentRecipe
+from sslab.platform.augment import CROP_FLIP, AugmentRecipe
 from sslab.platform.config import check
 
 
@@ -42,7 +42,7 @@ class Rotation(Method):
     @classmethod
     def augment_recipe(cls, args) -> AugmentRecipe:
         # Crops and flips only: the task needs the image's orientation cues, not colour invariance.
-        return AugmentRecipe(crop_scale_min=0.5, jitter_p=0.0, grayscale_p=0.0)
+        return CROP_FLIP
 
     def training_step(self, images, step, index=None):
         rotated, labels = rotate_all(self.augment(images), self.args.rotations)

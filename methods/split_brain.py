@@ -19,7 +19,7 @@ from sslab.methods.colorization import (
     nearest_bin,
     rgb_to_lab,
 )
-from sslab.platform.augment import AugmentRecipe
+from sslab.platform.augment import CROP_FLIP, AugmentRecipe
 from sslab.platform.config import check
 
 
@@ -68,7 +68,7 @@ class SplitBrain(Method):
 
     @classmethod
     def augment_recipe(cls, args) -> AugmentRecipe:
-        return AugmentRecipe(crop_scale_min=0.5, jitter_p=0.0, grayscale_p=0.0)
+        return CROP_FLIP
 
     def training_step(self, images, step, index=None):
         lab = rgb_to_lab(self.augment.unit(images))

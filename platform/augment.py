@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sslab.platform.config import AugmentConfig
+from sslab.platform.config import AugmentConfig, AugmentOverrides
 
 
 @dataclass
@@ -28,9 +28,45 @@ class AugmentRecipe:
     blur_p: float = 0.0  # SimCLR drops blur on CIFAR-10's 32x32 images
     solarize_p: float = 0.0
 
-    def with_overrides(self, overrides: AugmentConfig) -> "AugmentRecipe":
-        changes = {k: v for k, v in dataclasses.asdict(overrides).items() if v is not None}
+    def with_overrides(self, overrides: AugmentOverrides) -> AugmentRecipe:
+        fields = {f.name for f in dataclasses.fields(AugmentOverrides)}
+        changes = {k: getattr(overrides, k) for k in fields if getattr(overrides, k) is not None}
         return dataclasses.replace(self, **changes)
+
+
+# Geometry only, no colour changes: the pretext tasks whose target is colour or position.
+CROP_FLIP = AugmentRecipe(crop_scale_min=0.5, jitter_p=0.0, grayscale_p=0.0)
+
+
+@dataclass(frozen=True)
+class View:
+    """A kind of view a method trains on: its augmentation, its side in pixels (None: the
+    images' own), and how many per image. Methods declare them; the platform builds them and
+    applies the study's `augment:` overrides to every one."""
+
+    recipe: AugmentRecipe
+    size: int | None = None
+    count: int = 1
+
+
+def resolve_views(declared: dict[str, View], overrides: AugmentConfig) -> dict[str, View]:
+    """Each declared view with the study's overrides: those for all views, then its own."""
+    resolved = {}
+    for name, view in declared.items():
+        recipe = view.recipe.with_overrides(overrides)
+        if name in overrides.views:
+            recipe = recipe.with_overrides(overrides.views[name])
+        resolved[name] = dataclasses.replace(view, recipe=recipe)
+    return resolved
+
+
+def build_views(
+    declared: dict[str, View], overrides: AugmentConfig, image_size: int, normalize: Normalize
+) -> dict[str, Augment]:
+    return {
+        name: Augment(view.recipe, view.size or image_size, normalize)
+        for name, view in resolve_views(declared, overrides).items()
+    }
 
 
 def channel_stats(images: torch.Tensor, max_images: int = 10_000) -> tuple[list[float], list[float]]:

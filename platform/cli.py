@@ -136,6 +136,11 @@ def cmd_methods(args) -> int:
         for f in dataclasses.fields(cls.Args):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             print(f"    {f.name}: {getattr(f.type, '__name__', f.type)} = {default!r}")
+        views = cls.views(cls.Args(), image_size=32)
+        print(
+            "    views (augment.views.<name>): "
+            + ", ".join(f"{view}" + (f" x{v.count}" if v.count != 1 else "") for view, v in views.items())
+        )
     return 0
 
 

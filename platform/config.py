@@ -69,8 +69,8 @@ class BackboneConfig:
 
 
 @dataclass
-class AugmentConfig:
-    """Overrides of the method's own recipe; a field left as None keeps the method's value."""
+class AugmentOverrides:
+    """Overrides of a method's augmentation recipe; a field left as None keeps the method's value."""
 
     crop_scale_min: Optional[float] = check(default=None, gt=0, le=1)
     crop_scale_max: Optional[float] = check(default=None, gt=0, le=1)
@@ -80,6 +80,14 @@ class AugmentConfig:
     grayscale_p: Optional[float] = check(default=None, ge=0, le=1)
     blur_p: Optional[float] = check(default=None, ge=0, le=1)
     solarize_p: Optional[float] = check(default=None, ge=0, le=1)
+
+
+@dataclass
+class AugmentConfig(AugmentOverrides):
+    """Overrides for every view the method declares, and under `views.<name>` for one view
+    (e.g. DINO's `local` crops): `sslab methods` lists each method's views."""
+
+    views: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -410,12 +418,38 @@ def build_study(raw: dict, source: str = "<config>") -> StudyConfig:
             f"{study.backbone.name!r}: method {study.method!r} "
             f"needs one of {', '.join(method_cls.backbones)}",
         )
+    _check_views(study, method_cls, source)
     _check_data(study.data, source)
     _check_sweep(raw, study, source)
     _check_train(study, source)
     _check_eval(study, source)
     _check_paper(study, source)
     return study
+
+
+def _check_views(study: StudyConfig, method_cls, source: str) -> None:
+    """Per-view overrides name views the method declares; every view's crop range is a range."""
+    from sslab.platform.augment import resolve_views
+
+    declared = method_cls.views(method_cls.Args(**study.method_args), study.data.image_size)
+    for name, overrides in study.augment.views.items():
+        if name not in declared:
+            raise ConfigError(
+                source,
+                f"augment.views.{name}",
+                f"method {study.method!r} has no view {name!r} (its views: {', '.join(declared)})",
+            )
+        study.augment.views[name] = from_dict(
+            AugmentOverrides, overrides or {}, source, f"augment.views.{name}"
+        )
+    for name, view in resolve_views(declared, study.augment).items():
+        if view.recipe.crop_scale_min > view.recipe.crop_scale_max:
+            raise ConfigError(
+                source,
+                "augment",
+                f"view {name!r}: crop_scale_min {view.recipe.crop_scale_min} "
+                f"> crop_scale_max {view.recipe.crop_scale_max}",
+            )
 
 
 STUDY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")

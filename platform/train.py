@@ -25,7 +25,7 @@ from torch import nn
 from sslab.methods.base import Method, MethodContext
 from sslab.methods.registry import get_method_class
 from sslab.platform import distributed
-from sslab.platform.augment import Augment, Normalize, channel_stats
+from sslab.platform.augment import Normalize, build_views, channel_stats
 from sslab.platform.backbones import build_backbone
 from sslab.platform.config import StudyConfig, TrainConfig, build_study, get_dotted
 from sslab.platform.data import Dataset, atomic_torch_save, load_dataset
@@ -123,10 +123,17 @@ def build_method(
     backbone, feature_dim = build_backbone(study.backbone, data.image_size)
     mean, std = channel_stats(data.train_images)
     normalize = Normalize(mean, std, channels_last=study.train.channels_last)
-    recipe = method_cls.augment_recipe(args).with_overrides(study.augment)
-    augment = Augment(recipe, data.image_size, normalize)
+    views = build_views(method_cls.views(args, data.image_size), study.augment, data.image_size, normalize)
     ctx = MethodContext(
-        backbone, feature_dim, data.image_size, normalize, augment, total_steps, world_size, dataset=data
+        backbone,
+        feature_dim,
+        data.image_size,
+        normalize,
+        views.get("view") or next(iter(views.values())),
+        total_steps,
+        world_size,
+        dataset=data,
+        views=views,
     )
     method = method_cls(args, ctx).to(device)
     if study.train.channels_last:

@@ -58,8 +58,9 @@ def test_dino_teacher_temperature_warms_up_linearly(make_method):
 def test_dino_multi_crop_views(make_method):
     dino, data = make_method("dino", local_crops=3, out_dim=16)
     images = data.train_images[:4]
-    assert [v(images).shape[-1] for v in dino.global_views] == [16, 16]
-    assert dino.local_view(images).shape[-1] == dino.local_size < 16
+    views = dino.views
+    assert [views[name](images).shape[-1] for name in ("global_1", "global_2")] == [16, 16]
+    assert views["local"](images).shape[-1] < 16
     loss, metrics = dino.training_step(images, 0)
     assert torch.isfinite(loss) and 0 <= metrics["teacher_entropy"] <= math.log(16) + 1e-4
 
@@ -140,3 +141,47 @@ def test_clip_captions_from_a_template_for_labelled_folders(tiny_raw):
     assert clip.prompts[0] == ["a picture of a disk"]
     first = data.classes[data.train_labels[0]]
     assert clip.train_tokens[0].tolist() == clip.tokenizer([f"a picture of a {first}"])[0].tolist()
+
+
+def test_views_are_declared_and_every_study_override_reaches_them(tiny_raw):
+    """The study's `augment:` applies to every view a method declares (BYOL's second view too,
+    DINO's local crops too); `augment.views.<name>` to one of them."""
+    from sslab.platform.train import build_method
+
+    tiny_raw.update(method="byol", augment={"blur_p": 0.0, "solarize_p": 0.0})
+    study = build_study(tiny_raw)
+    byol = build_method(study, load_dataset(study.data), torch.device("cpu"), total_steps=10)
+    assert [byol.views[v].recipe.blur_p for v in ("first", "second")] == [0.0, 0.0]
+    assert byol.views["second"].recipe.solarize_p == 0.0
+
+    tiny_raw.update(
+        method="dino",
+        method_args={"out_dim": 16, "local_crop_size": 8},
+        augment={"jitter_p": 0.5, "views": {"local": {"crop_scale_min": 0.1}}},
+    )
+    study = build_study(tiny_raw)
+    dino = build_method(study, load_dataset(study.data), torch.device("cpu"), total_steps=10)
+    assert {name: view.recipe.jitter_p for name, view in dino.views.items()} == {
+        "global_1": 0.5,
+        "global_2": 0.5,
+        "local": 0.5,
+    }
+    assert dino.views["local"].recipe.crop_scale_min == 0.1
+    assert dino.views["global_1"].recipe.crop_scale_min == 0.4  # the paper's global crop
+    assert dino.views["local"](load_dataset(study.data).train_images[:2]).shape[-1] == 8
+
+
+@pytest.mark.parametrize(
+    "augment, key",
+    [
+        ({"views": {"locals": {"blur_p": 0.1}}}, "augment.views.locals"),
+        ({"views": {"local": {"blur_p": 2}}}, "augment.views.local.blur_p"),
+        ({"crop_scale_min": 0.5}, "augment"),
+    ],
+)  # > the local crops' max
+def test_view_overrides_are_validated(tiny_raw, augment, key):
+    from sslab.platform.config import ConfigError
+
+    tiny_raw.update(method="dino", augment=augment)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_study(tiny_raw)
