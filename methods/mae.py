@@ -102,11 +102,11 @@ class MAE(Method):
     def encode_visible(self, x: torch.Tensor, ratio: float):
         """Embeds all patches (with positions), keeps the unmasked ones, runs the encoder on them."""
         vit = self.backbone
-        tokens = vit._pos_embed(vit.patch_embed(x))  # [N, prefix + L, C], positions added
+        tokens = vit.tokens(x)  # [N, prefix + L, C], positions added
         prefix, patches = tokens[:, : vit.num_prefix_tokens], tokens[:, vit.num_prefix_tokens :]
         kept, mask, restore = random_masking(len(x), patches.shape[1], ratio, x.device)
         visible = torch.gather(patches, 1, kept[..., None].expand(-1, -1, patches.shape[-1]))
-        encoded = vit.norm(vit.blocks(vit.norm_pre(torch.cat([prefix, visible], dim=1))))
+        encoded = vit.encode_tokens(torch.cat([prefix, visible], dim=1))
         return encoded, mask, restore
 
     def decode(self, encoded: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:

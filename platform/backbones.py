@@ -5,6 +5,8 @@ Every backbone maps normalised images [N, 3, H, W] to features [N, dim].
 
 from __future__ import annotations
 
+import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from sslab.platform.config import BackboneConfig
@@ -16,13 +18,11 @@ VIT_SIZES = {
 
 
 def build_backbone(cfg: BackboneConfig, image_size: int) -> tuple[nn.Module, int]:
-    """Returns (backbone, feature dimension)."""
-    if cfg.name.startswith("resnet"):
-        return _resnet(cfg)
-    return _vit(cfg, image_size)
+    """Returns (backbone, feature dimension), built by the name's entry in BACKBONES."""
+    return BACKBONES[cfg.name](cfg, image_size)
 
 
-def _resnet(cfg: BackboneConfig) -> tuple[nn.Module, int]:
+def _resnet(cfg: BackboneConfig, image_size: int) -> tuple[nn.Module, int]:
     """torchvision's BasicBlock/Bottleneck stacked as in torchvision's ResNet, widths scaled."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -67,14 +67,24 @@ def _torchvision_init(net: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _vit(cfg: BackboneConfig, image_size: int) -> tuple[nn.Module, int]:
-    from timm.models.vision_transformer import VisionTransformer
+class ViT(VisionTransformer):
+    """timm's ViT, with the steps masked image modelling runs one by one as public methods."""
 
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> patch tokens with positions added, prefix (class) tokens first: [N, prefix + L, C]."""
+        return self._pos_embed(self.patch_embed(x))
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Any subset of `tokens(x)` (e.g. the visible patches) through the blocks and final norm."""
+        return self.norm(self.blocks(self.norm_pre(tokens)))
+
+
+def _vit(cfg: BackboneConfig, image_size: int) -> tuple[nn.Module, int]:
     size = dict(VIT_SIZES[cfg.name])
     size["embed_dim"] = max(
         size["num_heads"], round(size["embed_dim"] * cfg.width / size["num_heads"]) * size["num_heads"]
     )
-    net = VisionTransformer(
+    net = ViT(
         img_size=image_size,
         patch_size=cfg.patch_size,
         num_classes=0,
@@ -83,6 +93,11 @@ def _vit(cfg: BackboneConfig, image_size: int) -> tuple[nn.Module, int]:
         **size,
     )  # any crop size (multi-crop)
     return net, net.num_features
+
+
+# name -> builder(cfg, image_size) -> (module, feature dimension): validation and building both
+# read this table, so a new backbone is one function and one line here.
+BACKBONES = {"resnet18": _resnet, "resnet50": _resnet, "vit_tiny": _vit, "vit_small": _vit}
 
 
 def spatial_features(backbone: nn.Module, x):

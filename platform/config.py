@@ -49,7 +49,7 @@ def check(
 class DataConfig:
     # synthetic: the embedded generated dataset; cifar10/cifar100/stl10: torchvision;
     # imagefolder: a tree with train/<class>/* and test/<class>/*.
-    name: Literal["synthetic", "cifar10", "cifar100", "stl10", "imagefolder"] = "synthetic"
+    name: str = "synthetic"  # a key of platform/data.py's DATASETS
     root: Optional[str] = None
     download: bool = False
     subset: Optional[int] = check(default=None, gt=0)  # train images kept (deterministic)
@@ -62,7 +62,7 @@ class DataConfig:
 
 @dataclass
 class BackboneConfig:
-    name: Literal["resnet18", "resnet50", "vit_tiny", "vit_small"] = "resnet18"
+    name: str = "resnet18"  # a key of platform/backbones.py's BACKBONES
     cifar_stem: bool = True  # 3x3 stride-1 first conv, no max-pool (for 32x32 images)
     width: float = check(default=1.0, gt=0)
     patch_size: int = check(default=4, ge=1)
@@ -403,6 +403,7 @@ def build_study(raw: dict, source: str = "<config>") -> StudyConfig:
 
     study = from_dict(StudyConfig, raw, source)
     check_study_name(study.name, source)
+    _check_registered(study, source)
     _check_seeds(study.seeds, source)
     try:
         method_cls = get_method_class(study.method)
@@ -425,6 +426,19 @@ def build_study(raw: dict, source: str = "<config>") -> StudyConfig:
     _check_eval(study, source)
     _check_paper(study, source)
     return study
+
+
+def _check_registered(study: StudyConfig, source: str) -> None:
+    """Backbone and dataset names are the keys of their registries (one table each)."""
+    from sslab.platform.backbones import BACKBONES
+    from sslab.platform.data import DATASETS
+
+    for key, name, table in (
+        ("backbone.name", study.backbone.name, BACKBONES),
+        ("data.name", study.data.name, DATASETS),
+    ):
+        if name not in table:
+            raise ConfigError(source, key, f"{name!r} is not one of {', '.join(repr(k) for k in table)}")
 
 
 def _check_views(study: StudyConfig, method_cls, source: str) -> None:

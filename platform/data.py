@@ -85,14 +85,7 @@ class Dataset:
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    loaders = {
-        "synthetic": _synthetic,
-        "cifar10": _torchvision,
-        "cifar100": _torchvision,
-        "stl10": _torchvision,
-        "imagefolder": _imagefolder,
-    }
-    data = loaders[cfg.name](cfg)
+    data = DATASETS[cfg.name](cfg)
     data.train_images, data.train_labels, data.train_captions = _subset(
         data.train_images, data.train_labels, data.train_captions, cfg.subset, cfg.seed
     )
@@ -344,6 +337,16 @@ def _read_image(path: Path, size: int) -> torch.Tensor:
             .byte()
         )
     return image
+
+
+# name -> loader(cfg) -> Dataset: validation and loading both read this table.
+DATASETS = {
+    "synthetic": _synthetic,
+    "cifar10": _torchvision,
+    "cifar100": _torchvision,
+    "stl10": _torchvision,
+    "imagefolder": _imagefolder,
+}
 
 
 def cache_dir() -> Path:

@@ -54,3 +54,18 @@ def test_backbones_map_images_to_features(cfg, dim):
 def test_cifar_stem_keeps_resolution():
     net, _ = build_backbone(BackboneConfig(width=0.125, cifar_stem=True), 32)
     assert net[0].stride == (1, 1) and not any(isinstance(m, torch.nn.MaxPool2d) for m in net)
+
+
+def test_a_backbone_is_one_registry_entry_for_validation_and_building(tiny_raw, monkeypatch):
+    from torch import nn
+
+    from sslab.platform import backbones
+    from sslab.platform.config import ConfigError, build_study
+
+    tiny_raw["backbone"] = {"name": "linear_probe_net"}
+    with pytest.raises(ConfigError, match="backbone.name"):
+        build_study(tiny_raw)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 7))
+    monkeypatch.setitem(backbones.BACKBONES, "linear_probe_net", lambda cfg, size: (net, 7))
+    study = build_study(tiny_raw)
+    assert backbones.build_backbone(study.backbone, 16) == (net, 7)
