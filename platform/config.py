@@ -602,9 +602,16 @@ def _check_overrides(raw: dict, overrides: dict, key: str, source: str) -> None:
 
 
 def short_key(dotted: str) -> str:
-    """How a swept key appears in trial and point names: its last part (method_args.temperature
-    -> temperature)."""
+    """A dotted key's last part (method_args.temperature -> temperature)."""
     return dotted.rsplit(".", 1)[-1]
+
+
+def point_keys(dotted_keys: list[str]) -> dict[str, str]:
+    """How swept keys appear in point and trial names: their last part, or the whole dotted key
+    where the last part would be ambiguous (data.seed beside the trial's seed; two keys ending
+    alike), so that no two points share a name."""
+    lasts = [short_key(k) for k in dotted_keys]
+    return {k: k if last == "seed" or lasts.count(last) > 1 else last for k, last in zip(dotted_keys, lasts)}
 
 
 def parse_expectation(text: str) -> tuple[str, str]:
@@ -626,7 +633,10 @@ def _check_paper(study: StudyConfig, source: str) -> None:
         return  # a single trial: its sweep was already expanded
     swept = [k for k in study.sweep if k != "points"]
     swept += [k for point in study.sweep.get("points", []) for k in point]
-    keys = {short_key(k) for k in swept}
+    grid = [k for k in study.sweep if k != "points"]
+    keys = set(point_keys(grid).values())
+    for point in study.sweep.get("points") or [{}]:
+        keys |= set(point_keys(grid + [k for k in point if k not in grid]).values())
     named = [("paper.results", str(k)) for k in study.paper.results]
     for i, text in enumerate(study.paper.expect):
         try:

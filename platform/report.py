@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sslab.platform.config import short_key
+from sslab.platform.config import point_keys
 from sslab.platform.tracking import TRIAL_TAG, Tracker
 from sslab.platform.verdict import expectations, judge, verdict
 
@@ -35,8 +35,13 @@ def load_study_runs(tracker: Tracker, study: str, parent_run_id: str | None = No
     rows, curves = [], []
     for run in tracker.child_runs(experiment.experiment_id, parent.info.run_id):
         params = run.data.params
+        trial = run.data.tags.get(TRIAL_TAG)
+        point = run.data.tags.get("sslab.point") or point_name(trial)  # runs from before the tag: the name
+        values = run.data.tags.get("sslab.point_values")
         row = {
-            "trial": run.data.tags.get(TRIAL_TAG),
+            "trial": trial,
+            "point": point,
+            "point_values": json.loads(values) if values else _parse_point(point),
             "seed": int(params.get("train.seed", 0)),
             "status": run.info.status,
             "run_id": run.info.run_id,
@@ -51,7 +56,7 @@ def load_study_runs(tracker: Tracker, study: str, parent_run_id: str | None = No
 
 
 def point_name(trial: str) -> str:
-    """The sweep point of a trial: its name without the seed."""
+    """The sweep point of a trial logged before points were tagged: its name without the seed."""
     parts = [p for p in trial.split(",") if not p.startswith("seed=")]
     return ",".join(parts) or "default"
 
@@ -73,7 +78,7 @@ def summarise(trials: pd.DataFrame, extra: tuple[str, ...] = ()) -> pd.DataFrame
     """Mean and std over seeds of each sweep point's headline metrics (and `extra` ones)."""
     columns = [c for trained, base, _ in headlines(trials) for c in (trained, base) if c in trials]
     columns += [c for c in extra if c in trials and c not in columns]
-    grouped = trials.assign(point=trials["trial"].map(point_name)).groupby("point")[columns]
+    grouped = trials.groupby("point")[columns]
     return grouped.agg(["mean", "std", "count"])
 
 
@@ -134,9 +139,11 @@ def _plot_sweep(
 
     if trials.empty or metric not in trials:
         return None
-    points = trials.assign(point=trials["trial"].map(point_name))
-    stats = points.groupby("point")[metric].agg(["mean", "std"])
-    parsed = {p: _parse_point(p) for p in stats.index}
+    stats = trials.groupby("point")[metric].agg(["mean", "std"])
+    parsed = {
+        p: {k: str(v) for k, v in values.items()}
+        for p, values in trials.groupby("point")["point_values"].first().items()
+    }
     keys = list(next(iter(parsed.values())).keys()) if parsed else []
     if not keys:
         return None
@@ -145,7 +152,8 @@ def _plot_sweep(
     if len({tuple(v) for v in parsed.values()}) > 1:  # `points` with their own keys: one bar each
         return _plot_bars(stats, metric, baseline)
     x_key = keys[0]
-    listed = next((v for k, v in (sweep or {}).items() if short_key(k) == x_key and isinstance(v, list)), [])
+    names = point_keys([k for k in (sweep or {}) if k != "points"])
+    listed = next((v for k, v in (sweep or {}).items() if names.get(k) == x_key and isinstance(v, list)), [])
     order = [str(v) for v in listed]  # the study's own order (none, linear, mlp), else sorted
     x_values = sorted(
         {v[x_key] for v in parsed.values()},

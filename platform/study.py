@@ -25,8 +25,8 @@ from sslab.platform.config import (
     build_study,
     flatten,
     get_dotted,
+    point_keys,
     set_dotted,
-    short_key,
 )
 from sslab.platform.tracking import (
     TRIAL_TAG,
@@ -40,6 +40,7 @@ from sslab.platform.train import CHECKPOINT_NAME, train_loop, trial_config
 from sslab.platform.workdir import atomic_write_json, check_writable, inside, locked, safe_dirname
 
 SEED_KEY = "train.seed"
+POINT_TAG, POINT_VALUES_TAG = "sslab.point", "sslab.point_values"
 POINTS_KEY = "points"
 
 
@@ -115,12 +116,24 @@ def make_trial(raw: dict, values: dict, name: str | None = None) -> Trial:
     return Trial(name or trial_name(values), values, build_study(trial_raw, "<trial>"))
 
 
+def point_values(values: dict) -> dict:
+    """A trial's sweep point as {name key: value} (see `point_keys`), seed left out; a point that
+    changes the method names it first, however its overrides are ordered."""
+    swept = [k for k in values if k != SEED_KEY]
+    names = point_keys(swept)
+    ordered = sorted(swept, key=lambda k: names[k] != "method")
+    return {names[k]: values[k] for k in ordered}
+
+
+def point_label(values: dict) -> str:
+    """'temperature=0.2' ('default' for a study without a sweep)."""
+    return ",".join(f"{k}={v}" for k, v in point_values(values).items()) or "default"
+
+
 def trial_name(values: dict) -> str:
-    """'temperature=0.2,seed=0': the last part of each swept key, the seed last."""
-    parts = [f"{short_key(k)}={v}" for k, v in values.items() if k != SEED_KEY]
-    # a point that changes the method names it first, however its overrides are ordered
-    parts.sort(key=lambda part: not part.startswith("method="))
-    return ",".join(parts + [f"seed={values[SEED_KEY]}"])
+    """'temperature=0.2,seed=0': the point, the seed last."""
+    point = point_label(values)
+    return (f"{point}," if point != "default" else "") + f"seed={values[SEED_KEY]}"
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -338,12 +351,18 @@ class TrialFactory:
     invocation: str
     commit: str
 
-    def config(self, values: dict, name: str | None = None) -> dict:
+    def config(self, values: dict, name: str | None = None, point: dict | None = None) -> dict:
+        """`point`: the values that name the trial's sweep point, if not `values` (PBT: the
+        initial ones, before mutation)."""
         trial = make_trial(self.raw, values, name)
         trial_dir = inside(Path(self.invocation), "trials", safe_dirname(trial.name))
+        point = point or values
         tags = study_tags(trial.study, self.commit) | {
             "seed": values[SEED_KEY],
             "sslab.checkpoint": str(trial_dir / CHECKPOINT_NAME),
+            # Reports group trials by these, not by parsing names back.
+            POINT_TAG: point_label(point),
+            POINT_VALUES_TAG: json.dumps(point_values(point), default=str),
         }
         tracking = TrialTracking(
             self.uri,
@@ -364,7 +383,7 @@ class TrialFactory:
             # its own name is the Tune trial's, fixed when it was created (trial_name_creator).
             name = tune_name if tune_name in fixed else tune_config["trial"]
             mutated = {k: v for k, v in tune_config.items() if k != "trial"}
-            config = self.config(fixed[name] | mutated, name=name)
+            config = self.config(fixed[name] | mutated, name=name, point=fixed[name])
             config["logged_keys"] = sorted(mutated)
             return config
         values = {k: significant(v) for k, v in tune_config.items() if k != REPEAT_INDEX}
@@ -597,6 +616,13 @@ def _tune_domain(spec):
     }[kind]()
 
 
+def _tune_checkpoints_kept(study: StudyConfig) -> int | None:
+    """PBT keeps every Tune checkpoint: a trial that copies another restores the donor's checkpoint
+    from the perturbation point, and the donor may have saved more than two since (measured: the
+    donor finished its last two epochs first and the copy found its checkpoint deleted)."""
+    return None if study.scheduler.name == "pbt" else 2
+
+
 def _scheduler(study: StudyConfig):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -672,7 +698,7 @@ def _run_tune(
                 name="tune",
                 storage_path=str(storage),
                 failure_config=tune.FailureConfig(max_failures=0),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=_tune_checkpoints_kept(study)),
                 verbose=1,
             ),
         )

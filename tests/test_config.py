@@ -134,3 +134,17 @@ def test_every_shipped_study_validates(path):
 
     study, raw = load_study(path)
     assert study.name == path.stem and expand_trials(study, raw)
+
+
+def test_a_swept_data_seed_names_its_points_apart_from_the_trial_seed(tiny_raw):
+    from sslab.platform.study import expand_trials
+
+    tiny_raw.update(seeds=[0, 1])
+    tiny_raw["sweep"] = {"data.seed": [3, 4], "method_args.temperature": [0.5]}
+    names = [t.name for t in expand_trials(build_study(tiny_raw), tiny_raw)]
+    assert names == [
+        "data.seed=3,temperature=0.5,seed=0",
+        "data.seed=3,temperature=0.5,seed=1",
+        "data.seed=4,temperature=0.5,seed=0",
+        "data.seed=4,temperature=0.5,seed=1",
+    ]
