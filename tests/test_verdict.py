@@ -67,7 +67,12 @@ def test_the_paper_section_stays_out_of_trial_params():
 def test_sweep_plot_handles_grids_and_points_with_their_own_keys():
     import pandas as pd
 
-    from sslab.platform.report import _plot_sweep
+    from sslab.platform.report import _parse_point, _plot_sweep, point_name
+
+    def with_points(frame):  # as load_study_runs gives them (here from the names, as for old runs)
+        frame["point"] = frame["trial"].map(point_name)
+        frame["point_values"] = frame["point"].map(_parse_point)
+        return frame
 
     grid = pd.DataFrame(
         {
@@ -80,9 +85,11 @@ def test_sweep_plot_handles_grids_and_points_with_their_own_keys():
             "random_init_linear_top1": [0.2, 0.2, 0.2],
         }
     )
+    grid = with_points(grid)
     assert _plot_sweep(grid, "eval/linear_top1", {}, {"method_args.projection": ["none", "mlp"]})
     points = pd.DataFrame(
         {"trial": ["method=simclr,seed=0", "method=byol,lr=0.3,tau_base=0.9,seed=0"], "knn_top1": [0.3, 0.25]}
     )
+    points = with_points(points)
     assert _plot_sweep(points, "knn_top1", {})  # one bar per point (methods_compare)
     assert _plot_sweep(points, "eval/linear_top1", {}) is None
