@@ -5,8 +5,11 @@
   bare        the model's forward + backward + step on views made once (the ceiling)
 
 The same method, model, batch and optimiser in all three; only where the views come from
-differs. Prints the ratios and writes everything to a JSON file. Needs torch alone (no Ray,
-no MLflow), so it runs on a bare GPU machine too.
+differs. `--precision` times the bare step instead in fp32, bf16 autocast, channels_last and
+both, side by side. Every path is also put against the machine's limit: the FLOPs of one
+training step (torch's flop counter) over its time, as a fraction of a large matmul's FLOP/s
+in fp32 and in bf16 measured on the same threads. Prints the ratios and writes everything to a
+JSON file. Needs torch alone (no Ray, no MLflow), so it runs on a bare GPU machine too.
 """
 
 from __future__ import annotations
@@ -87,6 +90,37 @@ def _time_interleaved(step_fns: dict, rounds: int, steps: int, warmup: int, devi
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def measured_ceiling(device: torch.device, n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """FLOP/s of an n x n matmul in fp32 and in bf16 on this device and thread count: what the
+    hardware gives the densest kernel, the yardstick for a training step's achieved FLOP/s."""
+    import statistics
+
+    ceiling = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        a @ b  # warm-up: kernel choice, caches
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            a @ b
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        ceiling[name] = 2 * n**3 / statistics.median(times)
+    return ceiling
+
+
+def step_flops(step_fn) -> float:
+    """FLOPs of one call of `step_fn` (forward, backward, optimiser), by torch's flop counter:
+    matmuls and convolutions, the work that dominates a training step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step_fn()
+    return float(counter.get_total_flops())
+
+
 def _pil_loader(data, recipe, batch_size: int, workers: int, views: int, mean, std, pin: bool):
     """The conventional pipeline: PIL images, torchvision transforms per sample, DataLoader."""
     import torchvision.transforms as T
@@ -129,12 +163,53 @@ def run_bench(args) -> dict:
     study = build_study(_study(args))
     data = load_dataset(study.data)
     data.train_images = data.train_images.to(device)
+    steps, flops_step = (_precision_paths if args.precision else _data_paths)(args, study, data, device)
+    seconds = _time_interleaved(steps, args.rounds, args.steps, args.warmup, device)
+    flops = step_flops(flops_step)
+    ceiling = measured_ceiling(device)
+    batch, views_per_image = args.batch_size, 2
+    paths = {
+        name: {
+            "seconds_per_step": s,
+            "images_per_s": batch / s,
+            "views_per_s": views_per_image * batch / s,
+            "seconds_per_epoch": args.epoch_images / batch * s,
+            "flops_per_s": flops / s,
+            "fraction_of_fp32_ceiling": flops / s / ceiling["fp32"],
+            "fraction_of_bf16_ceiling": flops / s / ceiling["bf16"],
+        }
+        for name, s in seconds.items()
+    }
+    if args.precision:
+        ratios = {
+            f"{name}_speedup_vs_fp32": seconds["fp32"] / s for name, s in seconds.items() if name != "fp32"
+        }
+    else:
+        ratios = {
+            "data_path_overhead_vs_bare": seconds["sslab"] / seconds["bare"] - 1,
+            "sslab_speedup_vs_dataloader": seconds["dataloader"] / seconds["sslab"],
+        }
+    return {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({os.cpu_count()} cores, {std_platform.processor() or std_platform.machine()})",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "fn", "command")},
+        "flops_per_step": flops,
+        "ceiling_flops_per_s": ceiling,
+        "paths": paths,
+        "ratios": ratios,
+    }
+
+
+def _data_paths(args, study, data, device):
+    """sslab's data path, the DataLoader's and the bare step (views made once), on one method."""
     method = build_method(study, data, device, total_steps=1_000_000)
     if args.compile:
         method.backbone.compile()
     optimizer = build_optimizer(method, study.train)
-    views_per_image = 2
-    batch = args.batch_size
+    views_per_image, batch = 2, args.batch_size
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def sslab_step():
@@ -175,42 +250,46 @@ def run_bench(args) -> dict:
 
         return step
 
-    seconds = _time_interleaved(
-        {
-            "sslab": with_augment(real_augment, sslab_step),
-            "bare": with_augment(feed, bare_step),
-            "dataloader": with_augment(feed, loader_step),
-        },
-        args.rounds,
-        args.steps,
-        args.warmup,
-        device,
-    )
-    method.augment = real_augment
+    steps = {
+        "sslab": with_augment(real_augment, sslab_step),
+        "bare": with_augment(feed, bare_step),
+        "dataloader": with_augment(feed, loader_step),
+    }
+    return steps, with_augment(feed, bare_step)
 
-    epoch_images = args.epoch_images
-    paths = {
-        name: {
-            "seconds_per_step": s,
-            "images_per_s": batch / s,
-            "views_per_s": views_per_image * batch / s,
-            "seconds_per_epoch": epoch_images / batch * s,
-        }
-        for name, s in seconds.items()
-    }
-    return {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({os.cpu_count()} cores, {std_platform.processor() or std_platform.machine()})",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "fn", "command")},
-        "paths": paths,
-        "ratios": {
-            "data_path_overhead_vs_bare": seconds["sslab"] / seconds["bare"] - 1,
-            "sslab_speedup_vs_dataloader": seconds["dataloader"] / seconds["sslab"],
-        },
-    }
+
+PRECISIONS = {
+    "fp32": (False, False),
+    "bf16": (True, False),
+    "channels_last": (False, True),
+    "bf16+channels_last": (True, True),
+}
+
+
+def _precision_paths(args, study, data, device):
+    """The bare step (views made once) of the same model, initialised alike, in each precision
+    and memory format: what bf16 autocast and channels_last buy on this device."""
+    import dataclasses
+
+    steps = {}
+    batch = data.train_images[: args.batch_size]
+    first = torch.arange(args.batch_size, device=device)
+    for name, (amp, channels_last) in PRECISIONS.items():
+        variant = dataclasses.replace(
+            study, train=dataclasses.replace(study.train, amp=amp, channels_last=channels_last)
+        )
+        torch.manual_seed(0)
+        method = build_method(variant, data, device, total_steps=1_000_000)
+        optimizer = build_optimizer(method, variant.train)
+        views = [method.augment(batch) for _ in range(2)]
+        method.augment = ViewFeed()
+
+        def step(method=method, optimizer=optimizer, views=views, amp=amp):
+            method.augment.views = list(views)
+            train_step(method, method, optimizer, batch, 0, first, amp)
+
+        steps[name] = step
+    return steps, steps["fp32"]
 
 
 def format_result(result: dict) -> str:
@@ -224,24 +303,43 @@ def format_result(result: dict) -> str:
         f"{'path':<11}{'s/step':>9}{'images/s':>11}{'views/s':>11}{'s/epoch':>10}"
         f"  (epoch = {s['epoch_images']} images)",
     ]
+    lines[-1] += "   GFLOP/s  of fp32 / bf16 ceiling"
     for name, p in result["paths"].items():
         lines.append(
             f"{name:<11}{p['seconds_per_step']:>9.4f}{p['images_per_s']:>11.0f}"
             f"{p['views_per_s']:>11.0f}{p['seconds_per_epoch']:>10.2f}"
+            f"{p['flops_per_s'] / 1e9:>10.1f}  {100 * p['fraction_of_fp32_ceiling']:5.1f}% / "
+            f"{100 * p['fraction_of_bf16_ceiling']:4.1f}%"
         )
-    r = result["ratios"]
+    c = result["ceiling_flops_per_s"]
     lines.append(
-        f"sslab data path costs {100 * r['data_path_overhead_vs_bare']:+.1f}% over the bare model step; "
-        f"sslab is {r['sslab_speedup_vs_dataloader']:.2f}x the DataLoader pipeline"
+        f"one training step: {result['flops_per_step'] / 1e9:.2f} GFLOP (torch's flop counter); ceiling: "
+        f"2048x2048 matmul {c['fp32'] / 1e9:.1f} GFLOP/s fp32, {c['bf16'] / 1e9:.1f} GFLOP/s bf16"
     )
+    r = result["ratios"]
+    if "data_path_overhead_vs_bare" in r:
+        lines.append(
+            f"sslab data path costs {100 * r['data_path_overhead_vs_bare']:+.1f}% over the bare model step; "
+            f"sslab is {r['sslab_speedup_vs_dataloader']:.2f}x the DataLoader pipeline"
+        )
+    else:
+        lines.append(
+            "speed-up over fp32: "
+            + ", ".join(f"{k.removesuffix('_speedup_vs_fp32')} {v:.2f}x" for k, v in r.items())
+        )
     return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="simclr")
     p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--width", type=float, default=0.25, help="default: the studies' ResNet-18 x0.25")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--precision",
+        action="store_true",
+        help="time the bare step in fp32, bf16 autocast, channels_last and both, side by side",
+    )
     p.add_argument("--steps", type=int, default=3, help="timed steps per path per round")
     p.add_argument("--rounds", type=int, default=3, help="rounds in which the paths take turns")
     p.add_argument("--warmup", type=int, default=2)

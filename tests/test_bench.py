@@ -1,39 +1,34 @@
-"""`sslab bench` runs its three paths and writes comparable numbers (no timing is asserted)."""
+"""`sslab bench` runs its paths and writes comparable numbers (no timing is asserted)."""
 
 import json
 
 from sslab.platform.cli import main
 
+TINY = ["--width", "0.125", "--batch-size", "16", "--steps", "1", "--warmup", "1", "--device", "cpu"]
+
 
 def test_bench_writes_side_by_side_results(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = main(
-        [
-            "bench",
-            "--width",
-            "0.125",
-            "--batch-size",
-            "16",
-            "--steps",
-            "1",
-            "--rounds",
-            "2",
-            "--warmup",
-            "1",
-            "--images",
-            "64",
-            "--loader-workers",
-            "0",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-        ]
-    )
-    assert code == 0
+    args = ["bench", *TINY, "--rounds", "2", "--images", "64", "--loader-workers", "0", "--out", str(out)]
+    assert main(args) == 0
     result = json.loads(out.read_text())
     assert set(result["paths"]) == {"sslab", "bare", "dataloader"}
     for path in result["paths"].values():
         assert path["images_per_s"] > 0 and path["views_per_s"] == 2 * path["images_per_s"]
     assert result["ratios"]["sslab_speedup_vs_dataloader"] > 0
     assert "DataLoader pipeline" in capsys.readouterr().out
+    # the limit: a step's FLOPs over its time, against a matmul's FLOP/s measured here
+    assert result["flops_per_step"] > 0 and result["ceiling_flops_per_s"]["bf16"] > 0
+    for path in result["paths"].values():
+        expected = result["flops_per_step"] / path["seconds_per_step"] / result["ceiling_flops_per_s"]["fp32"]
+        assert path["fraction_of_fp32_ceiling"] == expected > 0
+
+
+def test_precision_bench_times_each_precision_side_by_side(tmp_path, capsys):
+    out = tmp_path / "precision.json"
+    assert main(["bench", "--precision", *TINY, "--rounds", "1", "--images", "32", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["paths"]) == {"fp32", "bf16", "channels_last", "bf16+channels_last"}
+    variants = ("bf16", "channels_last", "bf16+channels_last")
+    assert set(result["ratios"]) == {f"{p}_speedup_vs_fp32" for p in variants}
+    assert "speed-up over fp32" in capsys.readouterr().out
