@@ -214,8 +214,10 @@ def run_protocols(
     """Every configured protocol on `method`'s frozen (or, for fine-tuning, copied) encoder.
     Returns (metrics, label subsets used); features are computed once for all protocols."""
     with eval_mode(method):
-        train_f = extract_features(method.features, data.train_images, device, amp=amp)
-        test_f = extract_features(method.features, data.test_images, device, amp=amp)
+        # Frozen features in fp32 whatever the training precision: kNN and the probe then measure
+        # what training learned, not bf16 rounding (`amp` speeds up fine-tuning's training only).
+        train_f = extract_features(method.features, data.train_images, device)
+        test_f = extract_features(method.features, data.test_images, device)
     num_classes = len(data.classes)
     metrics, subsets = {}, {}
     # kNN always: it is the monitor every report and scheduler reads, and nearly free here.
