@@ -5,7 +5,7 @@ import torchvision
 from sslab.platform.augment import Augment, AugmentRecipe, Normalize, channel_stats
 from sslab.platform.backbones import build_backbone
 from sslab.platform.config import AugmentConfig, BackboneConfig
-from sslab.platform.data import make_synthetic
+from sslab.platform.synthetic import make_synthetic
 
 
 def test_augment_draws_parameters_per_sample():

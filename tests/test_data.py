@@ -2,7 +2,8 @@ import torch
 from PIL import Image
 
 from sslab.platform.config import DataConfig
-from sslab.platform.data import SYNTHETIC_CLASSES, load_dataset, make_synthetic
+from sslab.platform.data import load_dataset
+from sslab.platform.synthetic import SYNTHETIC_CLASSES, make_synthetic
 
 
 def test_synthetic_is_deterministic_balanced_and_varied():
@@ -17,7 +18,7 @@ def test_synthetic_is_deterministic_balanced_and_varied():
 
 
 def test_synthetic_captions_name_the_shape_and_colours_drawn():
-    from sslab.platform.data import SHAPE_WORDS, colour_names
+    from sslab.platform.synthetic import SHAPE_WORDS, colour_names
 
     _, labels, captions = make_synthetic(50, 16, seed=0)
     for label, text in zip(labels.tolist(), captions):

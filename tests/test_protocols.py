@@ -54,7 +54,7 @@ def test_finetune_trains_a_copy_and_learns_an_easy_task():
     from sslab.platform.augment import Normalize
     from sslab.platform.backbones import build_backbone
     from sslab.platform.config import BackboneConfig
-    from sslab.platform.data import make_synthetic
+    from sslab.platform.synthetic import make_synthetic
 
     images, labels, _ = make_synthetic(3000, 16, seed=0)
     keep = (labels == 0) | (labels == 5)  # disks vs horizontal bars
