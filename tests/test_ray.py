@@ -292,11 +292,12 @@ def test_local_cluster_listens_on_loopback_only_and_requires_a_token(ray_cluster
     exposed = [(p, a, port) for p, a, port in sockets if a not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
     assert not exposed, exposed
     node = ray_cluster._private.worker._global_node
-    agent = f"127.0.0.1:{node.dashboard_agent_listen_port}"
-    for url, data in (
-        (f"http://{node.address_info['webui_url']}/api/jobs/", None),
-        (f"http://{agent}/api/job_agent/jobs/", b'{"entrypoint": "true"}'),
-    ):
+    urls = [(f"http://{node.address_info['webui_url']}/api/jobs/", None)]
+    # The agent's job API too; -1 when its port was taken (by another local cluster): no HTTP server then
+    agent_port = ray_cluster.nodes()[0]["DashboardAgentListenPort"]
+    if agent_port > 0:
+        urls.append((f"http://127.0.0.1:{agent_port}/api/job_agent/jobs/", b'{"entrypoint": "true"}'))
+    for url, data in urls:
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=10)
         assert refused.value.code == 401, url
