@@ -18,6 +18,15 @@ TINY = {
 }
 
 
+def apply_change(raw: dict, change: dict) -> None:
+    """Merges `change` into a study dict: mapping sections key by key, anything else replaced."""
+    for section, value in change.items():
+        if isinstance(value, dict) and isinstance(raw.get(section), dict):
+            raw[section].update(value)
+        else:
+            raw[section] = value
+
+
 @pytest.fixture
 def tiny_raw():
     return copy.deepcopy(TINY)

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, apply_change
 from sslab.platform.cli import main
 from sslab.platform.config import ConfigError, build_study, flatten, load_study
 
@@ -35,11 +35,7 @@ def test_quickstart_is_valid():
     ],
 )
 def test_bad_study_exits_2_naming_file_and_key(tmp_path, tiny_raw, capsys, change, key):
-    for section, value in change.items():
-        if isinstance(value, dict) and isinstance(tiny_raw.get(section), dict):
-            tiny_raw[section].update(value)
-        else:
-            tiny_raw[section] = value
+    apply_change(tiny_raw, change)
     path = write(tmp_path, tiny_raw)
     workdir = tmp_path / "runs"
     code = main(["run", str(path), "--workdir", str(workdir), "--reports", str(tmp_path / "reports")])

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, apply_change
 from sslab.platform.cli import main
 from sslab.platform.config import build_study
 
@@ -106,11 +106,7 @@ def test_trial_folders_stay_inside_the_invocation(tmp_path):
     ],
 )
 def test_input_that_used_to_fail_inside_a_trial_is_refused_up_front(tmp_path, tiny_raw, capsys, change, key):
-    for section, value in change.items():
-        if isinstance(value, dict) and isinstance(tiny_raw.get(section), dict):
-            tiny_raw[section].update(value)
-        else:
-            tiny_raw[section] = value
+    apply_change(tiny_raw, change)
     assert_refused(capsys, tmp_path, write(tmp_path, tiny_raw), key=key)
 
 
