@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslab.methods.base import Method, MethodContext
-from sslab.methods.losses import embedding_std
+from sslab.methods.losses import embedding_std, in_fp32
 from sslab.platform.augment import CROP_FLIP, AugmentRecipe
 from sslab.platform.config import check
 from sslab.platform.distributed import gather_with_grad, global_index
@@ -88,6 +88,7 @@ class TextEncoder(nn.Module):
         return self.project(x[torch.arange(len(x)), end])
 
 
+@in_fp32
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """CLIP's symmetric InfoNCE (Fig. 3 pseudocode): cross-entropy over the scaled cosine
     similarities of image i with every text, and of text i with every image, averaged.

@@ -13,7 +13,7 @@ from torch import nn
 from sslab.methods.base import Encoder, Method, MethodContext
 from sslab.methods.ema import ema_update, frozen_copy
 from sslab.methods.heads import projection_head
-from sslab.methods.losses import embedding_std
+from sslab.methods.losses import embedding_std, in_fp32
 from sslab.platform.augment import AugmentRecipe, View
 from sslab.platform.config import check
 from sslab.platform.distributed import mean_over_ranks
@@ -64,6 +64,7 @@ class DINOHead(nn.Module):
         return self.last(F.normalize(self.mlp(x), dim=-1))
 
 
+@in_fp32
 def dino_loss(
     student_out: list[torch.Tensor],
     teacher_out: list[torch.Tensor],

@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from sslab.platform.distributed import gather_with_grad, global_index
 
 
+def in_fp32(loss_fn):
+    """Runs a loss in fp32 under bf16 autocast too. Autocast would run its similarity matmuls in
+    bf16 and round their output to 8 bits of mantissa (cosines 0.996 and 1.0 coincide), an error
+    the temperature then multiplies; `.float()` on the inputs alone does not stop it."""
+
+    @functools.wraps(loss_fn)
+    def run(*args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a)]
+        device_type = tensors[0].device.type if tensors else "cpu"
+        with torch.autocast(device_type, enabled=False):
+            return loss_fn(*map(_to_fp32, args), **{k: _to_fp32(v) for k, v in kwargs.items()})
+
+    return run
+
+
+def _to_fp32(value):
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.float()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_fp32(v) for v in value)
+    return value
+
+
+@in_fp32
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent, SimCLR (Chen et al. 2020) eq. (1), averaged over all 2N anchors.
 
@@ -28,6 +54,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(logits, positive_index)
 
 
+@in_fp32
 def info_nce_with_queue(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -49,6 +76,7 @@ def info_nce_with_queue(
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
+@in_fp32
 def byol_regression(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL (Grill et al. 2020) eq. (2): ||p/||p|| - z/||z|| ||^2 = 2 - 2 cos(p, z), batch mean."""
     return (2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=1)).mean()

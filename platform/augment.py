@@ -110,11 +110,14 @@ class Augment(nn.Module):
 
         s = recipe.jitter_strength
         ops = [
-            K.RandomResizedCrop((size, size), scale=(recipe.crop_scale_min, recipe.crop_scale_max)),
+            # "resample": one batched warp rather than a crop-and-resize per image (1.5x faster).
+            K.RandomResizedCrop(
+                (size, size), scale=(recipe.crop_scale_min, recipe.crop_scale_max), cropping_mode="resample"
+            ),
             K.RandomHorizontalFlip(p=recipe.flip_p),
         ]
         if recipe.jitter_p > 0 and s > 0:
-            ops.append(K.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5), p=recipe.jitter_p))
+            ops.append(ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5), p=recipe.jitter_p))
         if recipe.grayscale_p > 0:
             ops.append(K.RandomGrayscale(p=recipe.grayscale_p))
         if recipe.blur_p > 0:
@@ -132,3 +135,79 @@ class Augment(nn.Module):
     def unit(self, images: torch.Tensor) -> torch.Tensor:
         """The augmented view in [0, 1] RGB, not normalised (for colour-space pretext tasks)."""
         return self.ops(to_unit(images))
+
+
+# ----------------------------------------------------------------------------- colour jitter
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(dim=1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """factor * x + (1 - factor) * other, clamped to [0, 1]; factor per image."""
+    factor = factor.view(-1, 1, 1, 1)
+    return (factor * x + (1 - factor) * other).clamp_(0, 1)
+
+
+def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotates each image's hue by `shift` turns, keeping value and saturation: torchvision's
+    adjust_hue (RGB -> HSV -> RGB) without its per-case branches. A pixel's max and max - min
+    (value and chroma) are kept; its hue sector and position come from which channel is max."""
+    r, g, b = x.unbind(dim=1)
+    value = x.amax(dim=1)
+    chroma = value - x.amin(dim=1)
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    r_is_max, g_is_max = value == r, (value == g) & (value != r)
+    hue = torch.where(
+        r_is_max, (g - b) / safe, torch.where(g_is_max, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe)
+    )
+    hue = torch.remainder(hue / 6.0 + shift.view(-1, 1, 1), 1.0) * 6.0  # in sectors, [0, 6)
+    # HSV -> RGB branch-free: channel n in (R: 5, G: 3, B: 1) is v - c * clamp(min(k, 4 - k), 0, 1)
+    # with k = (n + 6h) mod 6.
+    offsets = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # made there
+    k = torch.remainder(offsets + hue.unsqueeze(1), 6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0, 1)
+    return value.unsqueeze(1) - chroma.unsqueeze(1) * ramp
+
+
+class ColorJitter(nn.Module):
+    """torchvision's ColorJitter on a batch: per image, with probability p, brightness, contrast,
+    saturation and hue factors drawn as torchvision draws them, applied in a random order (one
+    order per call, as kornia's), each op as torchvision's functional one."""
+
+    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float, p: float = 1.0):
+        super().__init__()
+        ranges = [(max(0.0, 1 - brightness), 1 + brightness), (max(0.0, 1 - contrast), 1 + contrast)]
+        ranges += [(max(0.0, 1 - saturation), 1 + saturation), (-hue, hue)]
+        # Buffers: they follow the module to its device, so drawing copies nothing from the host.
+        self.register_buffer("low", torch.tensor([r[0] for r in ranges]), persistent=False)
+        self.register_buffer("high", torch.tensor([r[1] for r in ranges]), persistent=False)
+        self.p = p
+
+    def draw(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(factors [n, 4] for brightness, contrast, saturation, hue; which images; the order)."""
+        low, high = self.low.to(device), self.high.to(device)
+        factors = low + (high - low) * torch.rand(n, 4, device=device)
+        return factors, torch.rand(n, device=device) < self.p, torch.randperm(4).tolist()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply_params(x, *self.draw(len(x), x.device))
+
+    @staticmethod
+    def apply_params(x: torch.Tensor, factors: torch.Tensor, applied: torch.Tensor, order: list[int]):
+        out = x.clamp(0, 1)
+        for op in order:
+            f = factors[:, op]
+            if op == 0:
+                out = blend(out, torch.zeros_like(out), f)
+            elif op == 1:
+                out = blend(out, grayscale(out).mean(dim=(1, 2, 3), keepdim=True), f)
+            elif op == 2:
+                out = blend(out, grayscale(out), f)
+            else:
+                out = shift_hue(out, f)
+        return torch.where(applied.view(-1, 1, 1, 1), out, x)

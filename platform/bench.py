@@ -24,7 +24,7 @@ from itertools import cycle
 import torch
 from torch import nn
 
-from sslab.platform.config import build_study
+from sslab.platform.config import TrainConfig, build_study
 from sslab.platform.data import load_dataset
 from sslab.platform.optim import build_optimizer
 from sslab.platform.train import build_method, train_step
@@ -70,13 +70,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _time_interleaved(step_fns: dict, rounds: int, steps: int, warmup: int, device) -> dict:
-    """Median seconds per step of each path. The paths take turns, `steps` at a time, so that
-    drift (warm-up, thermal, other load) hits them all alike rather than whichever ran first."""
+def _time_interleaved(step_fns: dict, rounds: int, steps: int, warmup: int, device) -> tuple[dict, dict]:
+    """Median seconds per step of each path, and each path's first step (which includes
+    torch.compile's compilation). The paths take turns, `steps` at a time, so that drift
+    (warm-up, thermal, other load) hits them all alike rather than whichever ran first."""
     import statistics
 
-    for fn in step_fns.values():
-        for _ in range(warmup):
+    first = {}
+    for name, fn in step_fns.items():
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        first[name] = time.perf_counter() - start
+        for _ in range(warmup - 1):
             fn()
     times = {name: [] for name in step_fns}
     for _ in range(rounds):
@@ -87,7 +93,7 @@ def _time_interleaved(step_fns: dict, rounds: int, steps: int, warmup: int, devi
                 fn()
                 _sync(device)
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in times.items()}, first
 
 
 def measured_ceiling(device: torch.device, n: int = 2048, repeats: int = 5) -> dict[str, float]:
@@ -164,13 +170,14 @@ def run_bench(args) -> dict:
     data = load_dataset(study.data)
     data.train_images = data.train_images.to(device)
     steps, flops_step = (_precision_paths if args.precision else _data_paths)(args, study, data, device)
-    seconds = _time_interleaved(steps, args.rounds, args.steps, args.warmup, device)
+    seconds, first_step = _time_interleaved(steps, args.rounds, args.steps, args.warmup, device)
     flops = step_flops(flops_step)
     ceiling = measured_ceiling(device)
     batch, views_per_image = args.batch_size, 2
     paths = {
         name: {
             "seconds_per_step": s,
+            "first_step_seconds": first_step[name],
             "images_per_s": batch / s,
             "views_per_s": views_per_image * batch / s,
             "seconds_per_epoch": args.epoch_images / batch * s,
@@ -188,6 +195,7 @@ def run_bench(args) -> dict:
         ratios = {
             "data_path_overhead_vs_bare": seconds["sslab"] / seconds["bare"] - 1,
             "sslab_speedup_vs_dataloader": seconds["dataloader"] / seconds["sslab"],
+            "sslab_speedup_vs_before": seconds[BEFORE] / seconds["sslab"],
         }
     return {
         "device": torch.cuda.get_device_name(device)
@@ -254,15 +262,48 @@ def _data_paths(args, study, data, device):
         "sslab": with_augment(real_augment, sslab_step),
         "bare": with_augment(feed, bare_step),
         "dataloader": with_augment(feed, loader_step),
+        BEFORE: _before_path(args, study, data, device),
     }
     return steps, with_augment(feed, bare_step)
 
 
-PRECISIONS = {
-    "fp32": (False, False),
-    "bf16": (True, False),
-    "channels_last": (False, True),
-    "bf16+channels_last": (True, True),
+BEFORE = "main@c08d6ab"  # the sslab path as main ran it before the speed work
+
+
+def _before_path(args, study, data, device):
+    """sslab's path as main ran it at c08d6ab: fp32, NCHW, eager, and kornia's per-image crop
+    and its ColorJitter (whose hue round trip through HSV cost more than the rest of the jitter)."""
+    import dataclasses
+
+    import kornia.augmentation as K
+
+    before = dataclasses.replace(
+        study, train=dataclasses.replace(study.train, amp=False, channels_last=False, compile=False)
+    )
+    torch.manual_seed(0)
+    method = build_method(before, data, device, total_steps=1_000_000)
+    optimizer = build_optimizer(method, before.train)
+    recipe, ops = method.augment.recipe, method.augment.ops
+    size, s = data.image_size, recipe.jitter_strength
+    ops[0] = K.RandomResizedCrop((size, size), scale=(recipe.crop_scale_min, recipe.crop_scale_max))
+    for i, op in enumerate(ops):
+        if type(op).__name__ == "ColorJitter":
+            ops[i] = K.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5), p=recipe.jitter_p)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def step():
+        index = torch.randint(len(data.train_images), (args.batch_size,), generator=gen).to(device)
+        train_step(method, method, optimizer, data.train_images[index], 0, index, False)
+
+    return step
+
+
+PRECISIONS = {  # name: (bf16 autocast, channels_last, torch.compile)
+    "fp32": (False, False, False),
+    "bf16": (True, False, False),
+    "channels_last": (False, True, False),
+    "bf16+channels_last": (True, True, False),
+    "bf16+cl+compile": (True, True, True),
 }
 
 
@@ -274,12 +315,15 @@ def _precision_paths(args, study, data, device):
     steps = {}
     batch = data.train_images[: args.batch_size]
     first = torch.arange(args.batch_size, device=device)
-    for name, (amp, channels_last) in PRECISIONS.items():
+    variants = {k: v for k, v in PRECISIONS.items() if args.compile or not v[2]}
+    for name, (amp, channels_last, compile_) in variants.items():
         variant = dataclasses.replace(
             study, train=dataclasses.replace(study.train, amp=amp, channels_last=channels_last)
         )
         torch.manual_seed(0)
         method = build_method(variant, data, device, total_steps=1_000_000)
+        if compile_:
+            method.backbone.compile()
         optimizer = build_optimizer(method, variant.train)
         views = [method.augment(batch) for _ in range(2)]
         method.augment = ViewFeed()
@@ -300,13 +344,13 @@ def format_result(result: dict) -> str:
         f"amp {s['amp']}, channels_last {s['channels_last']}, compile {s['compile']}, "
         f"median of {s['rounds']} rounds x {s['steps']} steps per path (interleaved), "
         f"after {s['warmup']} warm-up",
-        f"{'path':<11}{'s/step':>9}{'images/s':>11}{'views/s':>11}{'s/epoch':>10}"
+        f"{'path':<19}{'s/step':>9}{'1st step':>9}{'images/s':>11}{'views/s':>11}{'s/epoch':>10}"
         f"  (epoch = {s['epoch_images']} images)",
     ]
     lines[-1] += "   GFLOP/s  of fp32 / bf16 ceiling"
     for name, p in result["paths"].items():
         lines.append(
-            f"{name:<11}{p['seconds_per_step']:>9.4f}{p['images_per_s']:>11.0f}"
+            f"{name:<19}{p['seconds_per_step']:>9.4f}{p['first_step_seconds']:>9.2f}{p['images_per_s']:>11.0f}"
             f"{p['views_per_s']:>11.0f}{p['seconds_per_epoch']:>10.2f}"
             f"{p['flops_per_s'] / 1e9:>10.1f}  {100 * p['fraction_of_fp32_ceiling']:5.1f}% / "
             f"{100 * p['fraction_of_bf16_ceiling']:4.1f}%"
@@ -320,7 +364,8 @@ def format_result(result: dict) -> str:
     if "data_path_overhead_vs_bare" in r:
         lines.append(
             f"sslab data path costs {100 * r['data_path_overhead_vs_bare']:+.1f}% over the bare model step; "
-            f"sslab is {r['sslab_speedup_vs_dataloader']:.2f}x the DataLoader pipeline"
+            f"sslab is {r['sslab_speedup_vs_dataloader']:.2f}x the DataLoader pipeline, "
+            f"and {r['sslab_speedup_vs_before']:.2f}x sslab's path as main ran it at c08d6ab"
         )
     else:
         lines.append(
@@ -342,11 +387,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, default=3, help="timed steps per path per round")
     p.add_argument("--rounds", type=int, default=3, help="rounds in which the paths take turns")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per path (at least 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    defaults = TrainConfig()
+    p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.amp,
+        help="bf16 autocast (default: the studies')",
+    )
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=defaults.channels_last)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the backbone (with --precision: adds a compiled bf16 + channels_last path)",
+    )
     p.add_argument("--data", default="synthetic", choices=["synthetic", "imagefolder", "cifar10"])
     p.add_argument("--root", help="dataset root for imagefolder / cifar10")
     p.add_argument("--images", type=int, default=2048, help="images held in the dataset tensor")

@@ -4,8 +4,10 @@ capability image-text methods use); the others leave them None."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,23 @@ class Dataset:
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
+    """The dataset `cfg` describes. A process keeps the last two generated ones: Tune reuses a
+    trial's worker for the next trial, which then skips generating the same data again (data
+    read from files is read again: the files may have changed; their decoded cache is on disk)."""
+    if cfg.name not in GENERATED:
+        return _load(cfg)
+    key = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    if key not in _LOADED:
+        _LOADED[key] = _load(cfg)
+        while len(_LOADED) > 2:
+            _LOADED.pop(next(iter(_LOADED)))
+    return dataclasses.replace(_LOADED[key])  # a caller may rebind its fields (e.g. to a GPU)
+
+
+_LOADED: dict[str, Dataset] = {}
+
+
+def _load(cfg: DataConfig) -> Dataset:
     data = DATASETS[cfg.name](cfg)
     data.train_images, data.train_labels, data.train_captions = _subset(
         data.train_images, data.train_labels, data.train_captions, cfg.subset, cfg.seed
@@ -210,6 +229,7 @@ def synthetic_dataset(cfg: DataConfig) -> Dataset:
     return synthetic(cfg)
 
 
+GENERATED = {"synthetic"}  # a pure function of the config: kept in memory by `load_dataset`
 # name -> loader(cfg) -> Dataset: validation and loading both read this table.
 DATASETS = {
     "synthetic": synthetic_dataset,

@@ -9,19 +9,23 @@ import base64
 import html
 import io
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
 
 from sslab.platform.config import point_keys
 from sslab.platform.tracking import TRIAL_TAG, Tracker
-from sslab.platform.verdict import expectations, judge, verdict
+from sslab.platform.verdict import expectations, judge_all, verdict
 
 CURVES = ("loss", "knn_top1")
 
 
-def load_study_runs(tracker: Tracker, study: str, parent_run_id: str | None = None):
-    """(parent run, trials DataFrame, curves DataFrame) of the study's latest or given invocation."""
+def load_study_runs(
+    tracker: Tracker, study: str, parent_run_id: str | None = None, extra_curves: tuple[str, ...] = ()
+):
+    """(parent run, trials DataFrame, curves DataFrame) of the study's latest or given invocation;
+    the curves hold the per-epoch history of CURVES and `extra_curves`."""
     experiment = tracker.client.get_experiment_by_name(study)
     if experiment is None:
         raise LookupError(f"no MLflow experiment named {study!r} at {tracker.uri}")
@@ -48,7 +52,7 @@ def load_study_runs(tracker: Tracker, study: str, parent_run_id: str | None = No
         }
         row.update(run.data.metrics)
         rows.append(row)
-        for key in CURVES:
+        for key in dict.fromkeys(CURVES + extra_curves):
             for m in tracker.client.get_metric_history(run.info.run_id, key):
                 curves.append({"trial": row["trial"], "metric": key, "epoch": m.step, "value": m.value})
     trials = pd.DataFrame(rows).sort_values("trial", ignore_index=True) if rows else pd.DataFrame()
@@ -220,28 +224,39 @@ def _png(fig) -> str:
 
 def build_report(study: str, tracking_uri: str, out_dir: Path, parent_run_id: str | None = None) -> Path:
     tracker = Tracker(tracking_uri)
-    parent, trials, curves = load_study_runs(tracker, study, parent_run_id)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = _parent_config(tracker, parent.info.run_id)
+    experiment = tracker.client.get_experiment_by_name(study)
+    latest = experiment and tracker.latest_parent(experiment.experiment_id)
+    config = _parent_config(tracker, parent_run_id or (latest.info.run_id if latest else ""))
     paper = config.get("paper") or {}
     metric = paper.get("metric") or "knn_top1"
+    parent, trials, curves = load_study_runs(tracker, study, parent_run_id, (metric, "optimizer_steps"))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    probes = probe_table(trials, curves, metric)
     plots = {
         "sweep.png": _plot_sweep(trials, metric, paper.get("results", {}), config.get("sweep")),
+        "probes.png": _plot_probes(probes, metric),
         "loss.png": _plot_curves(curves, "loss", "training loss"),
         "knn_top1.png": _plot_curves(curves, "knn_top1", "kNN top-1 (epoch 0 = random init)"),
     }
     for name, png in plots.items():
         if png:
             (out_dir / name).write_bytes(base64.b64decode(png))
-    sections = _sections(
-        study, parent, config, trials, tracker.client.get_experiment_by_name(study).experiment_id
-    )
+    sections = _sections(study, parent, config, trials, experiment.experiment_id, probes)
     (out_dir / "report.md").write_text(_markdown(sections, plots))
     (out_dir / "report.html").write_text(_html(sections, plots))
     if not trials.empty:
         trials.to_csv(out_dir / "trials.csv", index=False)
     return out_dir
+
+
+def portable(path: str | None) -> str | None:
+    """An absolute path as seen from the folder the report is built in (`../shared/...`), so that
+    a report read on another machine names no folder of this one; other text as it is."""
+    if not path or not os.path.isabs(path):
+        return path
+    relative = os.path.relpath(path)
+    return relative if relative.count("..") <= 2 else path
 
 
 def _parent_config(tracker: Tracker, run_id: str) -> dict:
@@ -252,15 +267,15 @@ def _parent_config(tracker: Tracker, run_id: str) -> dict:
         return {}
 
 
-def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str) -> dict:
+def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str, probes=None) -> dict:
     """The report's content as plain data, rendered to markdown and HTML alike."""
     data, backbone, train = config.get("data", {}), config.get("backbone", {}), config.get("train", {})
     setup = [
         ("method", f"{config.get('method', '?')} {json.dumps(config.get('method_args', {}))}"),
         (
             "data",
-            f"{data.get('name')} ({data.get('subset') or 'all'} train / "
-            f"{data.get('test_subset') or 'all'} test images, root {data.get('root') or 'embedded'})",
+            f"{data.get('name')} ({data.get('subset') or 'all'} train / {data.get('test_subset') or 'all'} "
+            f"test images, root {portable(data.get('root')) or 'embedded'})",
         ),
         (
             "backbone",
@@ -274,7 +289,10 @@ def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str) -
         ("seeds", ", ".join(str(s) for s in config.get("seeds", []))),
         ("sweep", json.dumps(config.get("sweep", {})) or "none"),
         ("git commit", parent.data.tags.get("git_commit", "unknown")),
-        ("command", parent.data.tags.get("sslab.command", "not recorded")),
+        (
+            "command",
+            " ".join(map(portable, parent.data.tags.get("sslab.command", "not recorded").split(" "))),
+        ),
         ("MLflow", f"experiment {experiment_id}, parent run {parent.info.run_id} ({parent.info.status})"),
     ]
     shown = headlines(trials) if not trials.empty else []
@@ -313,12 +331,13 @@ def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str) -
         "rows": rows,
         "points_header": points_header,
         "points": points,
-        "paper": _paper_section(config.get("paper") or {}, trials),
+        "paper": _paper_section(config.get("paper") or {}, trials, probes),
     }
 
 
-def _paper_section(paper: dict, trials: pd.DataFrame) -> dict | None:
-    """The paper's claim, its numbers beside ours, each ordering it implies judged, the verdict."""
+def _paper_section(paper: dict, trials: pd.DataFrame, probes: pd.DataFrame | None = None) -> dict | None:
+    """The paper's claim, its numbers beside ours, each ordering it implies judged at the end of
+    training and at every probe point before it, the verdict with the budget it holds at."""
     if not paper.get("reference") and not paper.get("claim"):
         return None
     metric = paper.get("metric") or "eval/linear_top1"
@@ -338,19 +357,112 @@ def _paper_section(paper: dict, trials: pd.DataFrame) -> dict | None:
         ]
         for point in dict.fromkeys(list(stats) + list(results))
     ]
-    comparisons = [judge(c, stats) for c in expectations(paper)]
-    rows = [
-        [f"{c.better} > {c.worse}", c.source, _fmt(c.ours, 1, "+.1f"), _fmt(c.noise, 1, ".1f"), c.outcome]
-        for c in comparisons
-    ]
+    comparisons = judge_all(expectations(paper), stats)
+    budget = _budget(trials)
     return {
         "reference": paper.get("reference", ""),
         "claim": paper.get("claim", ""),
         "metric": metric,
         "numbers": numbers,
-        "comparisons": rows,
-        "verdict": verdict(comparisons),
+        "comparisons": [_comparison_row(c) for c in comparisons],
+        "verdict": verdict(comparisons) + (f", at {budget}" if budget else ""),
+        "probes": _probe_verdicts(paper, probes),
     }
+
+
+COMPARISON_HEADER = ["ordering", "from", "paper (pts)", "ours (pts)", "95% CI", "p (Holm)", "outcome"]
+
+
+def _comparison_row(c) -> list[str]:
+    interval = "n/a" if pd.isna(c.low) else f"[{c.low:+.1f}, {c.high:+.1f}]"
+    return [
+        f"{c.better} > {c.worse}",
+        c.source,
+        _fmt(c.paper_effect, 1, "+.1f"),
+        _fmt(c.ours, 1, "+.1f"),
+        interval,
+        _fmt(c.p_agrees, 1, ".3f"),
+        c.outcome,
+    ]
+
+
+def _budget(trials: pd.DataFrame) -> str:
+    """ "N optimiser steps" (or a range where points differ, e.g. batch sizes at equal epochs)."""
+    if trials.empty or "optimizer_steps" not in trials:
+        return ""
+    steps = trials["optimizer_steps"].dropna()
+    if steps.empty:
+        return ""
+    low, high = int(steps.min()), int(steps.max())
+    return f"{low} optimiser steps" if low == high else f"{low}-{high} optimiser steps (by point)"
+
+
+def probe_table(trials: pd.DataFrame, curves: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per (trial, epoch) where `metric` was logged: point, seed, epoch, optimiser steps,
+    value, and the probe's fraction of its trial's training."""
+    if trials.empty or curves.empty or metric not in set(curves["metric"]):
+        return pd.DataFrame()
+    wide = curves[curves["metric"].isin([metric, "optimizer_steps"])].pivot_table(
+        index=["trial", "epoch"], columns="metric", values="value", aggfunc="last"
+    )
+    wide = wide.dropna(subset=[metric]).reset_index()
+    wide = wide[wide["epoch"] >= 1]  # epoch 0 is the random-init baseline
+    if "optimizer_steps" not in wide:
+        wide["optimizer_steps"] = float("nan")
+    info = trials.set_index("trial")[["point", "seed"]]
+    wide = wide.join(info, on="trial")
+    last_epoch = wide.groupby("trial")["epoch"].transform("max")
+    wide["fraction"] = (wide["epoch"] / last_epoch).round(3)
+    return wide.rename(columns={metric: "value"})
+
+
+def _probe_verdicts(paper: dict, probes: pd.DataFrame | None) -> list[dict]:
+    """The orderings judged at every probe fraction logged by every point (each its own family)."""
+    if probes is None or probes.empty:
+        return []
+    out = []
+    for fraction, rows in probes.groupby("fraction"):
+        if rows["point"].nunique() < 2:
+            continue
+        grouped = rows.groupby("point")["value"].agg(["mean", "std", "count"])
+        stats = {p: (r["mean"], r["std"], int(r["count"])) for p, r in grouped.iterrows()}
+        comparisons = judge_all(expectations(paper), stats)
+        steps = rows["optimizer_steps"].dropna()
+        label = (
+            f"{int(steps.min())}"
+            if not steps.empty and steps.min() == steps.max()
+            else (f"{int(steps.min())}-{int(steps.max())}" if not steps.empty else "?")
+        )
+        out.append(
+            {
+                "fraction": float(fraction),
+                "steps": label,
+                "verdict": verdict(comparisons),
+                "comparisons": [_comparison_row(c) for c in comparisons],
+            }
+        )
+    return out
+
+
+def _plot_probes(probes: pd.DataFrame, metric: str) -> str | None:
+    """`metric` at each probe against optimiser steps, one line per point, mean ± std band."""
+    if probes.empty or probes.groupby("trial")["epoch"].nunique().max() < 2:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=110)
+    for point, rows in probes.groupby("point"):
+        by_fraction = rows.groupby("fraction").agg(
+            steps=("optimizer_steps", "mean"), mean=("value", "mean"), std=("value", "std")
+        )
+        x = by_fraction["steps"] if by_fraction["steps"].notna().all() else by_fraction.index
+        mean, std = by_fraction["mean"] * 100, by_fraction["std"].fillna(0) * 100
+        (line,) = ax.plot(x, mean, marker="o", ms=3, label=point[:40])
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("optimiser steps")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    return _png(fig)
 
 
 def _cell(stats, column: str) -> str:
@@ -382,7 +494,11 @@ def _markdown(s: dict, plots: dict) -> str:
     lines += _md_table(s["header"], [r[:-1] + [f"[run]({r[-1]})"] for r in s["rows"]]) + [""]
     lines += (
         ["## Curves", ""]
-        + [f"![{n}]({n})" for n, png in plots.items() if png and not (n == "sweep.png" and s["paper"])]
+        + [
+            f"![{n}]({n})"
+            for n, png in plots.items()
+            if png and not (n in ("sweep.png", "probes.png") and s["paper"])
+        ]
         + [""]
     )
     return "\n".join(lines)
@@ -402,9 +518,28 @@ def _md_paper(paper: dict, plots: dict) -> list[str]:
     lines += _md_table(["point", "paper", "ours"], paper["numbers"]) + [""]
     if plots.get("sweep.png"):
         lines += ["![sweep](sweep.png)", ""]
-    lines += ["Each ordering the claim implies, against twice the standard error of our difference:", ""]
-    lines += _md_table(["ordering", "from", "ours (pts)", "noise (pts)", "outcome"], paper["comparisons"])
-    return lines + [""]
+    lines += [STATS_NOTE, ""]
+    lines += _md_table(COMPARISON_HEADER, paper["comparisons"]) + [""]
+    if paper["probes"]:
+        lines += ["### Through training", ""]
+        if plots.get("probes.png"):
+            lines += ["![probes](probes.png)", ""]
+        lines += ["Each ordering judged at every probe point (each probe its own Holm family):", ""]
+        rows = [[f"{p['fraction']:g}", p["steps"], p["verdict"]] for p in paper["probes"]]
+        lines += _md_table(["fraction of training", "optimiser steps", "verdict"], rows) + [""]
+        for p in paper["probes"]:
+            lines += [f"At {p['fraction']:g} of training ({p['steps']} steps):", ""]
+            lines += _md_table(COMPARISON_HEADER, p["comparisons"]) + [""]
+    return lines
+
+
+STATS_NOTE = (
+    "Each ordering the claim implies: our difference with its 95% interval (t distribution, seed "
+    "spread pooled over the points), and two one-sided t-tests Holm-corrected over the family: "
+    "*agrees* when the difference is above zero, *not reproduced* when it is below the paper's "
+    "effect (its gap, or the tie for a claim without numbers), *inconclusive* otherwise. "
+    "p (Holm) is the adjusted p-value of the first test."
+)
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -432,7 +567,8 @@ def _html(s: dict, plots: dict) -> str:
             f'<img{" class=wide" if wide else ""} alt="{e(name)}" src="data:image/png;base64,{plots[name]}">'
         )
 
-    images = "".join(image(n) for n in plots if not (n == "sweep.png" and s["paper"]))
+    in_paper = ("sweep.png", "probes.png") if s["paper"] else ()
+    images = "".join(image(n) for n in plots if n not in in_paper)
     paper = ""
     if s["paper"]:
         p = s["paper"]
@@ -441,9 +577,17 @@ def _html(s: dict, plots: dict) -> str:
             f"<p class='verdict'>Verdict: {e(p['verdict'])}.</p>"
             f"<p>Compared on our <code>{e(p['metric'])}</code> (mean ± std over seeds, %):</p>"
             f"{table(['point', 'paper', 'ours'], p['numbers'])}{image('sweep.png', wide=True)}"
-            f"<p>Each ordering the claim implies, against twice the standard error of our difference:</p>"
-            f"{table(['ordering', 'from', 'ours (pts)', 'noise (pts)', 'outcome'], p['comparisons'])}"
+            f"<p>{e(STATS_NOTE)}</p>{table(COMPARISON_HEADER, p['comparisons'])}"
         )
+        if p["probes"]:
+            rows = [[f"{q['fraction']:g}", q["steps"], q["verdict"]] for q in p["probes"]]
+            paper += (
+                f"<h3>Through training</h3>{image('probes.png', wide=True)}"
+                f"{table(['fraction of training', 'optimiser steps', 'verdict'], rows)}"
+            )
+            for q in p["probes"]:
+                paper += f"<p>At {q['fraction']:g} of training ({e(q['steps'])} steps):</p>"
+                paper += table(COMPARISON_HEADER, q["comparisons"])
     setup = "".join(
         f"<li><b>{e(k)}</b>: " + (f"<code>{e(str(v))}</code>" if k == "command" else e(str(v))) + "</li>"
         for k, v in s["setup"]

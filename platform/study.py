@@ -192,10 +192,14 @@ def run_study(
         if local:
             check_fits_local_cluster(trial_study, source)
     check_writable(paths.workdir)
+    ray_started = time.time()
     init_ray(ray_address)
+    ray_start_seconds = time.time() - ray_started
     busy = f"study {study.name!r} is already running in this workdir; wait for it, or use another --workdir"
     with locked(paths.study_dir(study.name) / ".lock", wait=False, busy_message=busy):
-        return _run_locked(study, raw, trials, source_text, paths, uri, ray_address, resume, command)
+        return _run_locked(
+            study, raw, trials, source_text, paths, uri, ray_address, resume, command, ray_start_seconds
+        )
 
 
 def _run_locked(
@@ -208,6 +212,7 @@ def _run_locked(
     ray_address: str | None,
     resume: bool,
     command: str,
+    ray_start_seconds: float = 0.0,
 ) -> dict:
     tracker, experiment_id = open_store(paths, uri, study.name)
     parent_run_id = _parent_run(tracker, experiment_id, study, source_text, paths, resume)
@@ -231,17 +236,43 @@ def _run_locked(
     _close_dangling_runs(tracker, experiment_id, parent_run_id, results)
     summary = _summarise(tracker, experiment_id, parent_run_id)
     _record_best(tracker, parent_run_id, summary, study)
-    tracker.log_metrics(parent_run_id, {"wall_seconds": time.time() - started}, step=0)
+    share = ray_share(time.time() - started, summary, study.max_concurrent_trials, ray_start_seconds)
+    tracker.log_metrics(parent_run_id, share, step=0)
     status = "FINISHED" if all(r == "TERMINATED" for r in results.values()) else "FAILED"
     tracker.end(parent_run_id, status)
-    print(f"study {study.name}: {status.lower()} in {time.time() - started:.0f} s", flush=True)
+    print(
+        f"study {study.name}: {status.lower()} in {share['wall_seconds']:.0f} s; {describe_ray_share(share)}",
+        flush=True,
+    )
     return {
         "parent_run_id": parent_run_id,
         "experiment_id": experiment_id,
         "tracking_uri": uri,
         "trials": summary,
         "status": status,
+        "share": share,
     }
+
+
+def ray_share(wall: float, rows: list[dict], concurrency: int, ray_start_seconds: float) -> dict:
+    """What Ray cost the study: its start, and the trial slots' time spent outside the training
+    loop (actor start, imports, scheduling, reporting), from the trials' own `trial_seconds`."""
+    inside = sum(r.get("trial_seconds") or 0.0 for r in rows)
+    outside = max(0.0, wall - inside / max(1, min(concurrency, len(rows) or 1)))
+    return {
+        "wall_seconds": wall,
+        "ray_start_seconds": ray_start_seconds,
+        "trials_seconds": inside,
+        "ray_overhead_seconds": outside,
+        "ray_overhead_seconds_per_trial": outside / max(1, len(rows)),
+    }
+
+
+def describe_ray_share(share: dict) -> str:
+    return (
+        f"Ray started in {share['ray_start_seconds']:.1f} s, and took {share['ray_overhead_seconds']:.1f} s "
+        f"of the trials' slots outside training ({share['ray_overhead_seconds_per_trial']:.1f} s per trial)"
+    )
 
 
 def open_store(paths: StudyPaths, uri: str, study_name: str) -> tuple[Tracker, str]:
@@ -655,6 +686,11 @@ def _scheduler(study: StudyConfig):
     )
 
 
+# A finished trial's worker runs the next one: no new process, imports or data (measured by
+# benchmarks/ray_overhead.py, which turns it off for its "before").
+REUSE_TRIAL_WORKERS = True
+
+
 def _run_tune(
     study: StudyConfig,
     factory: TrialFactory,
@@ -688,7 +724,7 @@ def _run_tune(
             param_space=space,
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=study.max_concurrent_trials,
-                reuse_actors=False,
+                reuse_actors=REUSE_TRIAL_WORKERS,
                 scheduler=_scheduler(study),
                 search_alg=search_alg,
                 num_samples=num_samples,

@@ -112,6 +112,20 @@ def make_runtime(
     )
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: a CUDA GPU that supports it (Ampere on), or a CPU
+    with AVX512-BF16 or AMX (Linux, where /proc/cpuinfo says). Elsewhere bf16 is emulated."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return True  # e.g. Apple's MPS: bf16 is the device's own business
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 # ----------------------------------------------------------------------------- building
 
 
@@ -270,6 +284,8 @@ class TrialLogger:
         spec = TrialTracking(**tracking)
         self.tracker = Tracker(spec.uri)
         self.run_id, created = self.tracker.find_or_create_child(spec)
+        # What the trial computed with: concurrent trials must not oversubscribe the cores.
+        self.tracker.set_tag(self.run_id, "sslab.torch_threads", torch.get_num_threads())
         if created:
             self.tracker.log_dict(self.run_id, study.to_dict(), "config.json")
         else:
@@ -337,10 +353,19 @@ class Trainer:
 
 def train_loop(config: dict) -> dict:
     """Pretrains one trial; returns the last epoch's metrics (on rank 0)."""
+    started = time.perf_counter()
     study = build_study(config["study"], source="<trial>")
-    train = study.train
     name = (config.get("tracking") or {}).get("trial_name") or study.name
-    runtime = make_runtime(config.get("runtime", "local"), train, name, config.get("tune_checkpoints", False))
+    runtime = make_runtime(
+        config.get("runtime", "local"), study.train, name, config.get("tune_checkpoints", False)
+    )
+    if study.train.amp and not native_bf16(runtime.device):
+        say(
+            runtime,
+            f"train.amp: {runtime.device} has no native bf16 (emulated bf16 is slower): training in fp32",
+        )
+        study = dataclasses.replace(study, train=dataclasses.replace(study.train, amp=False))
+    train = study.train
     if runtime.device.type == "cpu" and train.cpus_per_worker:
         torch.set_num_threads(max(1, round(train.cpus_per_worker)))  # Ray sets 1 by default
 
@@ -400,6 +425,7 @@ def train_loop(config: dict) -> dict:
             metrics |= {
                 f"hp/{k}": float(get_dotted(config["study"], k)) for k in config.get("logged_keys", [])
             }
+            metrics["trial_seconds"] = time.perf_counter() - started  # this run of the loop so far
             # Log before the checkpoint: a crash in between re-runs this epoch, whose metrics
             # are then skipped as already logged (never lost, never twice).
             logger.log(metrics, epoch)
@@ -419,8 +445,8 @@ def train_loop(config: dict) -> dict:
 
 
 def epoch_evaluation(trainer: Trainer, logger: TrialLogger, epoch: int, is_last: bool) -> dict:
-    """Rank 0, after an epoch: every protocol and the method's samples at the end, the kNN monitor
-    every `eval.knn_every` epochs before it."""
+    """Rank 0, after an epoch: every protocol and the method's samples at the end, every protocol
+    at the probe epochs (`eval.probe_at`), the kNN monitor every `eval.knn_every` epochs."""
     method, data, study, runtime = trainer.method, trainer.data, trainer.study, trainer.runtime
     if is_last:
         final, subsets = protocol_eval(method, data, study, runtime, prefix="eval/")
@@ -428,9 +454,18 @@ def epoch_evaluation(trainer: Trainer, logger: TrialLogger, epoch: int, is_last:
         with eval_mode(method):
             logger.log_images(method.artifacts(data))
         return final | {"knn_top1": final["eval/knn_top1"], "knn_top5": final["eval/knn_top5"]}
+    if epoch in probe_epochs(study):
+        probe, _ = protocol_eval(method, data, study, runtime, prefix="eval/")
+        return probe | {"knn_top1": probe["eval/knn_top1"], "knn_top5": probe["eval/knn_top5"]}
     if study.eval.knn_every and epoch % study.eval.knn_every == 0:
         return knn_eval(method, data, study, runtime)
     return {}
+
+
+def probe_epochs(study: StudyConfig) -> set[int]:
+    """The epochs that end the fractions of training in `eval.probe_at` (at least epoch 1)."""
+    epochs = study.train.epochs
+    return {max(1, math.ceil(fraction * epochs - 1e-9)) for fraction in study.eval.probe_at}
 
 
 def adopt_tune_checkpoint(path: Path) -> None:
@@ -479,7 +514,8 @@ def run_epoch(trainer: Trainer, epoch: int) -> dict:
     trainer.method.train()
     # Same permutation on every rank (seeded by seed and epoch); each rank takes its slice.
     generator = torch.Generator().manual_seed(train.seed * 100_003 + epoch)
-    order = torch.randperm(len(data.train_images), generator=generator)
+    # On the data's device once per epoch: no host-to-device copy of indices per step.
+    order = torch.randperm(len(data.train_images), generator=generator).to(data.train_images.device)
     torch.manual_seed(train.seed * 1_000_003 + epoch * 1009 + runtime.rank)  # augmentation draws
     meter, started = EpochMeter(), time.perf_counter()
     for i in range(trainer.steps_per_epoch):
@@ -487,7 +523,7 @@ def run_epoch(trainer: Trainer, epoch: int) -> dict:
         for group in trainer.optimizer.param_groups:
             group["lr"] = lr
         begin = i * train.batch_size + runtime.rank * trainer.local_batch
-        index = order[begin : begin + trainer.local_batch].to(data.train_images.device)
+        index = order[begin : begin + trainer.local_batch]
         images = data.train_images[index].to(runtime.device, non_blocking=True)
         loss, step_metrics = train_step(
             trainer.model, trainer.method, trainer.optimizer, images, trainer.step, index, train.amp
@@ -507,6 +543,7 @@ def run_epoch(trainer: Trainer, epoch: int) -> dict:
     metrics = meter.means()
     metrics.update(
         epoch=epoch,
+        optimizer_steps=trainer.step,  # probes are plotted against these
         lr=lr,
         peak_lr=scaled_lr(train),
         epoch_seconds=seconds,

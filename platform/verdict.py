@@ -1,11 +1,16 @@
-"""A paper's claim against our runs: the orderings it implies, each checked against seed spread.
+"""A paper's claim against our runs: the orderings it implies, each tested with honest statistics.
 
-An ordering "A > B" agrees when our mean of A beats B's by more than twice the standard error
-of the difference, contradicts when it loses by that much, and is within noise otherwise. The
-seed-to-seed std is pooled over all sweep points (two seeds alone give a poor estimate of one
-point's spread; the points share their sources of noise). The verdict: reproduced when every
-ordering agrees, not reproduced when any contradicts, inconclusive otherwise (or with a single
-seed: no spread).
+For an ordering "A > B" our difference of means d is given with its 95% confidence interval from
+the t distribution: the seed-to-seed std is pooled over all sweep points (the points share their
+sources of noise; two seeds alone give a poor estimate of one point's spread), with the pooled
+degrees of freedom, sum(n_i - 1). Two one-sided tests per ordering, Holm-corrected over every
+test of the family (the orderings judged at one training budget):
+  agrees          d > 0: the paper's direction, beyond noise;
+  not reproduced  d < the paper's effect (its difference where it gives both numbers, else the
+                  `tie`, the smallest gap the claim implies): the data exclude the paper's effect;
+  inconclusive    neither: the interval holds zero and the paper's effect alike.
+The verdict: reproduced when every ordering agrees, not reproduced when any is not reproduced,
+inconclusive otherwise (or without seeds to measure the spread).
 """
 
 from __future__ import annotations
@@ -16,25 +21,43 @@ from dataclasses import dataclass
 
 from sslab.platform.config import parse_expectation
 
+ALPHA = 0.05  # family-wise error rate of one family's tests (Holm)
+
 
 @dataclass
 class Comparison:
     better: str
     worse: str
     source: str  # where the ordering comes from: the claim or the paper's numbers
+    paper_effect: float = math.nan  # points: what the paper's ordering amounts to
     ours: float = math.nan  # our difference, points
-    noise: float = math.nan  # 2 x standard error of the difference, points
-    outcome: str = "not run"  # agrees | contradicts | within noise | no spread | not run
+    low: float = math.nan  # its 95% confidence interval, points
+    high: float = math.nan
+    p_agrees: float = math.nan  # Holm-adjusted p-values of the two one-sided tests
+    p_short: float = math.nan
+    outcome: str = "not run"  # agrees | not reproduced | inconclusive | no spread | not run
 
 
 def expectations(paper: dict) -> list[Comparison]:
-    """The claim's explicit orderings, then every pair of the paper's numbers further apart than `tie`."""
-    comparisons = [Comparison(*parse_expectation(text), source="claim") for text in paper.get("expect", [])]
+    """The claim's explicit orderings, then every pair of the paper's numbers further apart than
+    `tie`; each with the effect the paper implies (its difference, else the tie)."""
     results = {str(k): float(v) for k, v in paper.get("results", {}).items()}
+    tie = float(paper.get("tie", 1.0))
+
+    def effect(better: str, worse: str) -> float:
+        if better in results and worse in results and results[better] > results[worse]:
+            return results[better] - results[worse]
+        return tie
+
+    comparisons = [
+        Comparison(*pair, source="claim", paper_effect=effect(*pair))
+        for pair in (parse_expectation(text) for text in paper.get("expect", []))
+    ]
     for a, b in itertools.combinations(results, 2):
-        if abs(results[a] - results[b]) >= paper.get("tie", 1.0):
+        if abs(results[a] - results[b]) >= tie:
             better, worse = (a, b) if results[a] > results[b] else (b, a)
-            comparisons.append(Comparison(better, worse, f"paper: {results[better]:g} vs {results[worse]:g}"))
+            source = f"paper: {results[better]:g} vs {results[worse]:g}"
+            comparisons.append(Comparison(better, worse, source, paper_effect=effect(better, worse)))
     seen, unique = set(), []
     for c in comparisons:
         if (c.better, c.worse) not in seen:
@@ -43,36 +66,57 @@ def expectations(paper: dict) -> list[Comparison]:
     return unique
 
 
-def pooled_std(stats: dict[str, tuple[float, float, int]]) -> float:
-    """sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1)) over the points with two seeds or more."""
+def pooled_std(stats: dict[str, tuple[float, float, int]]) -> tuple[float, int]:
+    """(sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1)), sum (n_i - 1)) over points with two seeds or more."""
     pairs = [(n - 1, std**2) for _, std, n in stats.values() if n >= 2 and not math.isnan(std)]
     dof = sum(d for d, _ in pairs)
-    return math.sqrt(sum(d * v for d, v in pairs) / dof) if dof else math.nan
+    return (math.sqrt(sum(d * v for d, v in pairs) / dof) if dof else math.nan), dof
 
 
-def judge(
-    comparison: Comparison, stats: dict[str, tuple[float, float, int]], spread: float | None = None
-) -> Comparison:
-    """Fills in our difference and outcome; `stats` maps point -> (mean, std, seeds) in [0, 1];
-    `spread`: the seed std to use (default: pooled over `stats`)."""
-    if comparison.better not in stats or comparison.worse not in stats:
-        return comparison
-    (mean_a, _, n_a), (mean_b, _, n_b) = stats[comparison.better], stats[comparison.worse]
-    if any(math.isnan(v) for v in (mean_a, mean_b)):
-        return comparison
-    comparison.ours = (mean_a - mean_b) * 100
-    if n_a < 2 or n_b < 2:
-        comparison.outcome = "no spread"
-        return comparison
-    spread = pooled_std(stats) if spread is None else spread
-    comparison.noise = 2 * spread * math.sqrt(1 / n_a + 1 / n_b) * 100
-    if comparison.ours > comparison.noise:
-        comparison.outcome = "agrees"
-    elif comparison.ours < -comparison.noise:
-        comparison.outcome = "contradicts"
-    else:
-        comparison.outcome = "within noise"
-    return comparison
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979): the k-th smallest times (m - k + 1),
+    made monotone, capped at 1."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [1.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def judge_all(comparisons: list[Comparison], stats: dict[str, tuple[float, float, int]]) -> list[Comparison]:
+    """Fills in every comparison whose two points ran; `stats` maps point -> (mean, std, seeds)
+    in [0, 1]. The comparisons given are one family for the Holm correction."""
+    from scipy import stats as scipy_stats
+
+    spread, dof = pooled_std(stats)
+    tested = []
+    for c in comparisons:
+        if c.better not in stats or c.worse not in stats:
+            continue
+        (mean_a, _, n_a), (mean_b, _, n_b) = stats[c.better], stats[c.worse]
+        if math.isnan(mean_a) or math.isnan(mean_b):
+            continue
+        c.ours = (mean_a - mean_b) * 100
+        if not dof or math.isnan(spread) or min(n_a, n_b) < 1:
+            c.outcome = "no spread"
+            continue
+        se = max(spread * math.sqrt(1 / n_a + 1 / n_b) * 100, 1e-12)
+        margin = scipy_stats.t.ppf(0.975, dof) * se
+        c.low, c.high = c.ours - margin, c.ours + margin
+        c.p_agrees = float(scipy_stats.t.sf(c.ours / se, dof))  # H0: d <= 0
+        c.p_short = float(scipy_stats.t.cdf((c.ours - c.paper_effect) / se, dof))  # H0: d >= paper's
+        tested.append(c)
+    adjusted = holm([c.p_agrees for c in tested] + [c.p_short for c in tested])
+    for i, c in enumerate(tested):
+        c.p_agrees, c.p_short = adjusted[i], adjusted[len(tested) + i]
+        if c.p_agrees < ALPHA:
+            c.outcome = "agrees"
+        elif c.p_short < ALPHA:
+            c.outcome = "not reproduced"
+        else:
+            c.outcome = "inconclusive"
+    return comparisons
 
 
 def verdict(comparisons: list[Comparison]) -> str:
@@ -81,13 +125,14 @@ def verdict(comparisons: list[Comparison]) -> str:
     if not judged:
         return "no verdict: none of the points the paper names was run"
     counts = {
-        o: sum(c.outcome == o for c in judged) for o in ("agrees", "contradicts", "within noise", "no spread")
+        o: sum(c.outcome == o for c in judged)
+        for o in ("agrees", "not reproduced", "inconclusive", "no spread")
     }
     detail = (
-        f"{counts['agrees']} of {len(judged)} orderings agree, {counts['contradicts']} contradict, "
-        f"{counts['within noise'] + counts['no spread']} within noise or without spread"
+        f"{counts['agrees']} of {len(judged)} orderings agree, {counts['not reproduced']} exclude the "
+        f"paper's effect, {counts['inconclusive'] + counts['no spread']} inconclusive"
     )
-    if counts["contradicts"]:
+    if counts["not reproduced"]:
         return f"not reproduced at this scale ({detail})"
     if counts["agrees"] == len(judged):
         return f"reproduced ({detail})"

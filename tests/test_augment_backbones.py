@@ -2,7 +2,7 @@ import pytest
 import torch
 import torchvision
 
-from sslab.platform.augment import Augment, AugmentRecipe, Normalize, channel_stats
+from sslab.platform.augment import Augment, AugmentRecipe, ColorJitter, Normalize, channel_stats
 from sslab.platform.backbones import build_backbone
 from sslab.platform.config import AugmentConfig, BackboneConfig
 from sslab.platform.synthetic import make_synthetic
@@ -16,6 +16,27 @@ def test_augment_draws_parameters_per_sample():
     assert views.shape == (16, 3, 32, 32) and views.dtype == torch.float32
     distinct = {tuple(v.flatten()[:64].tolist()) for v in views}
     assert len(distinct) == 16  # a batch-wide crop would give 1
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]])
+def test_color_jitter_is_torchvisions_per_image(order):
+    import torchvision.transforms.functional as TF
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(12, 3, 16, 16, generator=g)
+    images[0] = 0.5  # grey: no hue
+    images[1, :, :8] = images[1, :1, :8]  # channels equal on half of it
+    images[2, 1] = images[2, 0]  # red and green tie for the max
+    jitter = ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8)
+    factors, _, _ = jitter.draw(12, "cpu")
+    applied = torch.arange(12) % 4 != 3  # p=0.8 leaves some images alone
+    ours = ColorJitter.apply_params(images, factors, applied, order)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i, image in enumerate(images):
+        expected = image
+        for op in order if applied[i] else []:
+            expected = ops[op](expected, factors[i, op].item())
+        torch.testing.assert_close(ours[i], expected, atol=2e-5, rtol=0)
 
 
 def test_recipe_overrides_only_fields_set():

@@ -12,10 +12,13 @@ def test_bench_writes_side_by_side_results(tmp_path, capsys):
     args = ["bench", *TINY, "--rounds", "2", "--images", "64", "--loader-workers", "0", "--out", str(out)]
     assert main(args) == 0
     result = json.loads(out.read_text())
-    assert set(result["paths"]) == {"sslab", "bare", "dataloader"}
+    assert set(result["paths"]) == {"sslab", "bare", "dataloader", "main@c08d6ab"}
     for path in result["paths"].values():
         assert path["images_per_s"] > 0 and path["views_per_s"] == 2 * path["images_per_s"]
-    assert result["ratios"]["sslab_speedup_vs_dataloader"] > 0
+    assert (
+        result["ratios"]["sslab_speedup_vs_dataloader"] > 0
+        and result["ratios"]["sslab_speedup_vs_before"] > 0
+    )
     assert "DataLoader pipeline" in capsys.readouterr().out
     # the limit: a step's FLOPs over its time, against a matmul's FLOP/s measured here
     assert result["flops_per_step"] > 0 and result["ceiling_flops_per_s"]["bf16"] > 0

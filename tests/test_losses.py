@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from sslab.methods.clip import clip_loss
-from sslab.methods.losses import nt_xent
+from sslab.methods.dino import dino_loss
+from sslab.methods.losses import byol_regression, info_nce_with_queue, nt_xent
 
 LOSSES = {"nt_xent": lambda a, b: nt_xent(a, b, 0.5), "clip": lambda a, b: clip_loss(a, b, torch.tensor(2.0))}
 
@@ -33,6 +35,25 @@ def test_nt_xent_matches_eq1(tau):
     g = torch.Generator().manual_seed(0)
     z1, z2 = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
     assert nt_xent(z1, z2, tau).item() == pytest.approx(nt_xent_by_the_paper(z1, z2, tau), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["nt_xent", "clip", "moco", "byol", "dino"])
+def test_losses_are_computed_in_fp32_under_bf16_autocast(name):
+    # Under autocast a similarity matmul would round to bf16 (about 3 significant digits).
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 128, generator=g), torch.randn(64, 128, generator=g)
+    loss = {
+        **LOSSES,
+        "moco": lambda a, b: info_nce_with_queue(
+            F.normalize(a, dim=1), F.normalize(b, dim=1), F.normalize(b.flip(0), dim=1), 0.07
+        ),
+        "byol": byol_regression,
+        "dino": lambda a, b: dino_loss([a, b], [b, a], torch.zeros(128), 0.1, 0.04),
+    }[name]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = loss(a, b)
+    assert under_autocast.dtype == torch.float32
+    assert under_autocast.item() == pytest.approx(loss(a, b).item(), rel=1e-6)
 
 
 def test_nt_xent_is_low_for_aligned_views():

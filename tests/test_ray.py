@@ -9,7 +9,7 @@ import pytest
 
 from sslab.platform.config import build_study
 from sslab.platform.report import build_report
-from sslab.platform.study import run_study, trial_resources
+from sslab.platform.study import ray_share, run_study, trial_resources
 from sslab.platform.tracking import Tracker
 
 pytestmark = pytest.mark.ray
@@ -52,7 +52,12 @@ def test_parallel_seed_trials_each_get_a_finished_child_run(ray_cluster, tmp_pat
         history = tracker.client.get_metric_history(run.info.run_id, "loss")
         assert sorted(m.step for m in history) == [1, 2]  # no metric lost to sqlite locking
         assert "random_init_knn_top1" in run.data.metrics and "knn_top1" in run.data.metrics
+        assert run.data.metrics["trial_seconds"] > 0
+        assert run.data.tags["sslab.torch_threads"] == "1"  # two trials at once on 2 CPUs: 1 thread each
     parent = tracker.client.get_run(result["parent_run_id"])
+    share = parent.data.metrics
+    assert share["trials_seconds"] == pytest.approx(sum(r.data.metrics["trial_seconds"] for r in runs))
+    assert 0 <= share["ray_overhead_seconds"] < share["wall_seconds"]
     best = max(runs, key=lambda r: r.data.metrics["knn_top1"])
     assert parent.data.tags["best_trial"] == best.data.tags["sslab.trial"]
     assert parent.info.status == "FINISHED"
@@ -75,6 +80,13 @@ def test_two_worker_ddp_trial_through_torch_trainer(ray_cluster, tmp_path, tiny_
     assert sorted(m.step for m in tracker.client.get_metric_history(runs[0].info.run_id, "loss")) == [1, 2]
     config = tracker.client.download_artifacts(runs[0].info.run_id, "config.json")
     assert '"num_workers": 2' in open(config).read()
+
+
+def test_ray_share_is_the_slot_time_outside_the_trials():
+    rows = [{"trial_seconds": 10.0}, {"trial_seconds": 20.0}]
+    one_slot = ray_share(40.0, rows, concurrency=1, ray_start_seconds=5.0)
+    assert one_slot["ray_overhead_seconds"] == 10.0 and one_slot["ray_overhead_seconds_per_trial"] == 5.0
+    assert ray_share(40.0, rows, concurrency=2, ray_start_seconds=5.0)["ray_overhead_seconds"] == 25.0
 
 
 def test_two_workers_fit_on_two_cpus_beside_their_driver(tiny_raw):

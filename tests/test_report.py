@@ -28,3 +28,37 @@ def test_points_that_share_a_short_key_stay_apart(tmp_path, tracking_uri):
     text = (build_report("seedsweep", tracking_uri, tmp_path / "report") / "report.md").read_text()
     assert "| data.seed=3 | 2 | 41.0 ± 1.4" in text and "| data.seed=4 | 2 | 31.0 ± 1.4" in text
     assert "default" not in text
+
+
+def test_probes_are_judged_through_training_with_the_budget_stated(tmp_path, tracking_uri):
+    # temperature 0.1 beats 0.5 by 10 points at the end (3 seeds, spread 1 point) and not at all
+    # at the first probe: the report must say agrees at the end and inconclusive early.
+    tracker = Tracker(tracking_uri)
+    experiment = tracker.experiment("probes", tmp_path / "artifacts")
+    paper = {"reference": "SimCLR Table 5", "claim": "0.1 beats 0.5", "expect": ["t=0.1 > t=0.5"]}
+    parent = tracker.start_parent(experiment, "probes-1", {"sslab.role": "study"})
+    tracker.log_dict(parent, {"paper": paper | {"metric": "eval/linear_top1"}}, "resolved_config.json")
+    for point, seed, early, final in [
+        ("t=0.1", 0, 0.30, 0.60),
+        ("t=0.1", 1, 0.32, 0.61),
+        ("t=0.1", 2, 0.31, 0.59),
+        ("t=0.5", 0, 0.31, 0.50),
+        ("t=0.5", 1, 0.30, 0.51),
+        ("t=0.5", 2, 0.32, 0.49),
+    ]:
+        run = tracker.client.create_run(
+            experiment,
+            tags={"mlflow.parentRunId": parent, "sslab.trial": f"{point},seed={seed}", "sslab.point": point},
+        ).info.run_id
+        tracker.log_params(run, {"train.seed": seed})
+        for epoch, steps, value in [(1, 75, early), (8, 600, final)]:
+            tracker.log_metrics(
+                run, {"eval/linear_top1": value, "optimizer_steps": steps, "loss": 1.0}, epoch
+            )
+        tracker.end(run)
+    out = build_report("probes", tracking_uri, tmp_path / "report")
+    text = (out / "report.md").read_text()
+    assert "**Verdict: reproduced (1 of 1 orderings agree" in text and "at 600 optimiser steps" in text
+    assert "| 0.125 | 75 | inconclusive at this scale" in text
+    assert "| 1 | 600 | reproduced" in text
+    assert (out / "probes.png").exists()

@@ -122,10 +122,43 @@ def test_killed_run_resumes_and_logs_each_epoch_once(tmp_path, tiny_raw, trackin
     assert len(tracker.client.get_metric_history(runs[0].info.run_id, "random_init_knn_top1")) == 1
 
 
+def train_tracked(tmp_path, raw: dict, tracking_uri: str) -> tuple[Tracker, str]:
+    """Trains `raw` in-process as the one trial of a study in MLflow; (tracker, its run id)."""
+    tracker = Tracker(tracking_uri)
+    experiment = tracker.experiment("test", tmp_path / "artifacts")
+    parent = tracker.start_parent(experiment, "parent", {"sslab.role": "study"})
+    tracking = TrialTracking(tracking_uri, experiment, parent, "seed=0")
+    train_loop(trial_config(build_study(raw), tmp_path / "trial", tracking))
+    return tracker, tracker.child_runs(experiment, parent)[0].info.run_id
+
+
+def test_probes_log_every_protocol_at_their_fractions_of_training(tmp_path, tiny_raw, tracking_uri):
+    tiny_raw["train"]["epochs"] = 4
+    tiny_raw["eval"] = {"protocols": ["knn", "linear"], "probe_at": [0.25, 0.5]}
+    tracker, run_id = train_tracked(tmp_path, tiny_raw, tracking_uri)
+    for key in ("eval/knn_top1", "eval/linear_top1"):
+        assert sorted(m.step for m in tracker.client.get_metric_history(run_id, key)) == [1, 2, 4]
+    steps = {m.step: m.value for m in tracker.client.get_metric_history(run_id, "optimizer_steps")}
+    assert steps == {1: 4, 2: 8, 3: 12, 4: 16}  # 256 images, batch 64
+
+
 def test_bf16_autocast_and_channels_last_switches_train(tmp_path, tiny_raw):
     tiny_raw["train"].update(amp=True, channels_last=True, epochs=1)
     metrics = train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
     assert torch.isfinite(torch.tensor(metrics["loss"])) and 0 <= metrics["knn_top1"] <= 1
+
+
+def test_bf16_falls_back_to_fp32_where_the_device_only_emulates_it(tmp_path, tiny_raw, monkeypatch, capsys):
+    import sslab.platform.train as train_module
+
+    autocast_states = []
+    real_step = train_module.train_step
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: False)
+    monkeypatch.setattr(train_module, "train_step", lambda *a: autocast_states.append(a[-1]) or real_step(*a))
+    tiny_raw["train"].update(amp=True, epochs=1)
+    train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
+    assert autocast_states and not any(autocast_states)
+    assert "no native bf16" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -143,10 +176,5 @@ def test_batch_size_scales_the_learning_rate_by_the_rule(tiny_raw, rule, batch, 
 def test_sample_images_are_logged_at_the_end(tmp_path, tiny_raw, tracking_uri):
     tiny_raw.update(method="context_encoder")
     tiny_raw["train"]["epochs"] = 1
-    tracker = Tracker(tracking_uri)
-    experiment = tracker.experiment("samples-test", tmp_path / "artifacts")
-    parent = tracker.start_parent(experiment, "parent", {"sslab.role": "study"})
-    tracking = TrialTracking(tracking_uri, experiment, parent, "seed=0")
-    train_loop(trial_config(build_study(tiny_raw), tmp_path / "trial", tracking))
-    run_id = tracker.child_runs(experiment, parent)[0].info.run_id
+    tracker, run_id = train_tracked(tmp_path, tiny_raw, tracking_uri)
     assert "samples/inpainting.png" in [a.path for a in tracker.client.list_artifacts(run_id, "samples")]
