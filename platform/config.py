@@ -30,6 +30,9 @@ class ConfigError(ValueError):
         where = f"{source}: {key}" if key else source
         super().__init__(f"{where}: {message}")
 
+    def __reduce__(self):  # Ray copies and pickles a trial's exception: rebuild from our fields
+        return type(self), (self.source, self.key, self.message)
+
 
 def check(
     *,
@@ -694,4 +697,8 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[StudyConfig
             set_dotted(raw, key, value)
     if "name" not in raw:
         raw["name"] = Path(path).stem
+    root = (raw.get("data") or {}).get("root")
+    if isinstance(root, str) and root and not Path(root).expanduser().is_absolute():
+        # Trials run in other folders (Ray moves them): a root given relative to here is made absolute.
+        raw["data"]["root"] = str(Path(root).expanduser().resolve())
     return build_study(raw, source), raw

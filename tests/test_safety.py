@@ -14,7 +14,7 @@ import yaml
 
 from conftest import REPO, apply_change
 from sslab.platform.cli import main
-from sslab.platform.config import build_study
+from sslab.platform.config import ConfigError, build_study, load_study
 
 
 def write(tmp_path, raw, name="study.yaml"):
@@ -360,3 +360,23 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_raw,
     assert load_checkpoint(path, method, optimizer, torch.device("cpu")) == (1, 4)
     assert all(torch.equal(v, first[k]) for k, v in method.state_dict().items())
     assert "unreadable" in capsys.readouterr().err
+
+
+def test_a_relative_data_root_is_made_absolute_before_trials_move_elsewhere(tmp_path, tiny_raw, monkeypatch):
+    # Ray runs a trial in its own folder: a root relative to where `sslab run` was typed must
+    # not be read from there (it was, and every trial failed to find its data).
+    make_folder(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    tiny_raw["data"] = {"name": "imagefolder", "root": "data", "image_size": 12}
+    tiny_raw["train"]["batch_size"] = 8
+    study, _ = load_study(write(tmp_path, tiny_raw))
+    assert study.data.root == str(tmp_path / "data")
+
+
+def test_a_config_error_survives_the_copy_and_pickle_ray_makes_of_it():
+    import copy
+    import pickle
+
+    error = ConfigError("<trial>", "data.root", "x is not a directory")
+    for clone in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+        assert str(clone) == str(error) and clone.key == "data.root"
