@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslab.methods.base import Encoder, Method, MethodContext, image_grid
+from sslab.methods.losses import in_fp32
 from sslab.platform.augment import CROP_FLIP, AugmentRecipe
 from sslab.platform.backbones import spatial_features
 from sslab.platform.config import check
 
 
+@in_fp32  # targets from exact colours: bf16 would misplace ab by ~0.5
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """[N, 3, H, W] sRGB in [0, 1] -> Lab (L in [0, 100], a and b roughly in [-110, 110]), D65."""
     import kornia.color
@@ -42,6 +44,7 @@ def ab_bins(grid: int = 10) -> torch.Tensor:
     return torch.unique(torch.round(ab / grid), dim=0) * grid
 
 
+@in_fp32
 def nearest_bin(ab: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """[N, 2, H, W] ab -> [N, H, W] index of the nearest bin centre."""
     return _squared_distances(ab, bins).argmin(1)
@@ -51,6 +54,7 @@ def _squared_distances(ab: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     return ((ab[:, None] - bins.to(ab)[None, :, :, None, None]) ** 2).sum(2)  # [N, Q, H, W]
 
 
+@in_fp32
 def soft_encode(
     ab: torch.Tensor, bins: torch.Tensor, neighbours: int = 5, sigma: float = 5.0
 ) -> torch.Tensor:
