@@ -41,11 +41,19 @@ def require_store(uri: str, key: str, source: str | None = None) -> None:
 
 
 def git_commit(path: Path | None = None) -> str:
+    """The short commit the code ran at, "-dirty" when tracked files differ from it (a run from
+    uncommitted changes must not pass for the commit), "unknown" outside a repository."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, cwd=path, timeout=5
+        ).stdout.strip()
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=path, timeout=5
-        )
-        return out.stdout.strip() or "unknown"
+        commit = git("rev-parse", "--short", "HEAD")
+        if not commit:
+            return "unknown"
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

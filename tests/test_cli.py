@@ -53,3 +53,22 @@ def test_ui_serves_the_study_store_on_localhost(tmp_path, monkeypatch, capsys):
     assert argv[1:4] == ["-m", "mlflow", "ui"]
     assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and "5123" in argv
+
+
+def test_git_commit_says_when_the_tree_differs_from_it(tmp_path):
+    from sslab.platform.tracking import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    assert git_commit(tmp_path) == "unknown"
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("1")
+    git("add", "a.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+    clean = git_commit(tmp_path)
+    assert len(clean) >= 7 and not clean.endswith("-dirty")
+    (tmp_path / "untracked.txt").write_text("runs")  # e.g. sslab-runs/: not a change to the code
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "a.txt").write_text("2")
+    assert git_commit(tmp_path) == clean + "-dirty"
