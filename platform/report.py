@@ -21,11 +21,8 @@ from sslab.platform.verdict import expectations, judge_all, verdict
 CURVES = ("loss", "knn_top1")
 
 
-def load_study_runs(
-    tracker: Tracker, study: str, parent_run_id: str | None = None, extra_curves: tuple[str, ...] = ()
-):
-    """(parent run, trials DataFrame, curves DataFrame) of the study's latest or given invocation;
-    the curves hold the per-epoch history of CURVES and `extra_curves`."""
+def find_parent(tracker: Tracker, study: str, parent_run_id: str | None = None):
+    """(experiment id, parent run) of the study's latest or given invocation."""
     experiment = tracker.client.get_experiment_by_name(study)
     if experiment is None:
         raise LookupError(f"no MLflow experiment named {study!r} at {tracker.uri}")
@@ -36,8 +33,14 @@ def load_study_runs(
     )
     if parent is None:
         raise LookupError(f"study {study!r} has no runs at {tracker.uri}")
+    return experiment.experiment_id, parent
+
+
+def load_study_runs(tracker: Tracker, experiment_id: str, parent, extra_curves: tuple[str, ...] = ()):
+    """(trials DataFrame, curves DataFrame) of one invocation; the curves hold the per-epoch
+    history of CURVES and `extra_curves`."""
     rows, curves = [], []
-    for run in tracker.child_runs(experiment.experiment_id, parent.info.run_id):
+    for run in tracker.child_runs(experiment_id, parent.info.run_id):
         params = run.data.params
         trial = run.data.tags.get(TRIAL_TAG)
         point = run.data.tags.get("sslab.point") or point_name(trial)  # runs from before the tag: the name
@@ -56,7 +59,7 @@ def load_study_runs(
             for m in tracker.client.get_metric_history(run.info.run_id, key):
                 curves.append({"trial": row["trial"], "metric": key, "epoch": m.step, "value": m.value})
     trials = pd.DataFrame(rows).sort_values("trial", ignore_index=True) if rows else pd.DataFrame()
-    return parent, trials, pd.DataFrame(curves)
+    return trials, pd.DataFrame(curves)
 
 
 def point_name(trial: str) -> str:
@@ -224,12 +227,11 @@ def _png(fig) -> str:
 
 def build_report(study: str, tracking_uri: str, out_dir: Path, parent_run_id: str | None = None) -> Path:
     tracker = Tracker(tracking_uri)
-    experiment = tracker.client.get_experiment_by_name(study)
-    latest = experiment and tracker.latest_parent(experiment.experiment_id)
-    config = _parent_config(tracker, parent_run_id or (latest.info.run_id if latest else ""))
+    experiment_id, parent = find_parent(tracker, study, parent_run_id)
+    config = _parent_config(tracker, parent.info.run_id)
     paper = config.get("paper") or {}
     metric = paper.get("metric") or "knn_top1"
-    parent, trials, curves = load_study_runs(tracker, study, parent_run_id, (metric, "optimizer_steps"))
+    trials, curves = load_study_runs(tracker, experiment_id, parent, (metric, "optimizer_steps"))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     probes = probe_table(trials, curves, metric)
@@ -242,7 +244,7 @@ def build_report(study: str, tracking_uri: str, out_dir: Path, parent_run_id: st
     for name, png in plots.items():
         if png:
             (out_dir / name).write_bytes(base64.b64decode(png))
-    sections = _sections(study, parent, config, trials, experiment.experiment_id, probes)
+    sections = _sections(study, parent, config, trials, experiment_id, probes)
     (out_dir / "report.md").write_text(_markdown(sections, plots))
     (out_dir / "report.html").write_text(_html(sections, plots))
     if not trials.empty:
@@ -341,13 +343,7 @@ def _paper_section(paper: dict, trials: pd.DataFrame, probes: pd.DataFrame | Non
     if not paper.get("reference") and not paper.get("claim"):
         return None
     metric = paper.get("metric") or "eval/linear_top1"
-    stats: dict = {}
-    if not trials.empty and metric in trials:
-        summary = summarise(trials, extra=(metric,))
-        stats = {
-            point: (row[(metric, "mean")], row[(metric, "std")], int(row[(metric, "count")]))
-            for point, row in summary.iterrows()
-        }
+    stats = point_stats(trials, metric) if not trials.empty and metric in trials else {}
     results = {str(k): v for k, v in (paper.get("results") or {}).items()}
     numbers = [
         [
@@ -386,15 +382,27 @@ def _comparison_row(c) -> list[str]:
     ]
 
 
-def _budget(trials: pd.DataFrame) -> str:
-    """ "N optimiser steps" (or a range where points differ, e.g. batch sizes at equal epochs)."""
-    if trials.empty or "optimizer_steps" not in trials:
-        return ""
-    steps = trials["optimizer_steps"].dropna()
+def point_stats(frame: pd.DataFrame, column: str) -> dict[str, tuple[float, float, int]]:
+    """Sweep point -> (mean, std, seeds) of `column`: what the verdict judges."""
+    grouped = frame.groupby("point")[column].agg(["mean", "std", "count"])
+    return {point: (row["mean"], row["std"], int(row["count"])) for point, row in grouped.iterrows()}
+
+
+def steps_range(steps: pd.Series) -> str:
+    """ "N" or "N-M" optimiser steps (points differ, e.g. batch sizes at equal epochs); "" if none."""
+    steps = steps.dropna()
     if steps.empty:
         return ""
     low, high = int(steps.min()), int(steps.max())
-    return f"{low} optimiser steps" if low == high else f"{low}-{high} optimiser steps (by point)"
+    return f"{low}" if low == high else f"{low}-{high}"
+
+
+def _budget(trials: pd.DataFrame) -> str:
+    """The optimiser steps the final verdict holds at, "" where they were not logged."""
+    steps = steps_range(trials["optimizer_steps"]) if "optimizer_steps" in trials else ""
+    if not steps:
+        return ""
+    return f"{steps} optimiser steps" + (" (by point)" if "-" in steps else "")
 
 
 def probe_table(trials: pd.DataFrame, curves: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -424,19 +432,11 @@ def _probe_verdicts(paper: dict, probes: pd.DataFrame | None) -> list[dict]:
     for fraction, rows in probes.groupby("fraction"):
         if rows["point"].nunique() < 2:
             continue
-        grouped = rows.groupby("point")["value"].agg(["mean", "std", "count"])
-        stats = {p: (r["mean"], r["std"], int(r["count"])) for p, r in grouped.iterrows()}
-        comparisons = judge_all(expectations(paper), stats)
-        steps = rows["optimizer_steps"].dropna()
-        label = (
-            f"{int(steps.min())}"
-            if not steps.empty and steps.min() == steps.max()
-            else (f"{int(steps.min())}-{int(steps.max())}" if not steps.empty else "?")
-        )
+        comparisons = judge_all(expectations(paper), point_stats(rows, "value"))
         out.append(
             {
                 "fraction": float(fraction),
-                "steps": label,
+                "steps": steps_range(rows["optimizer_steps"]) or "?",
                 "verdict": verdict(comparisons),
                 "comparisons": [_comparison_row(c) for c in comparisons],
             }

@@ -448,14 +448,12 @@ def epoch_evaluation(trainer: Trainer, logger: TrialLogger, epoch: int, is_last:
     """Rank 0, after an epoch: every protocol and the method's samples at the end, every protocol
     at the probe epochs (`eval.probe_at`), the kNN monitor every `eval.knn_every` epochs."""
     method, data, study, runtime = trainer.method, trainer.data, trainer.study, trainer.runtime
-    if is_last:
-        final, subsets = protocol_eval(method, data, study, runtime, prefix="eval/")
-        logger.log_artifact_once(subsets, "eval/label_subsets.json")
-        with eval_mode(method):
-            logger.log_images(method.artifacts(data))
-        return final | {"knn_top1": final["eval/knn_top1"], "knn_top5": final["eval/knn_top5"]}
-    if epoch in probe_epochs(study):
-        probe, _ = protocol_eval(method, data, study, runtime, prefix="eval/")
+    if is_last or epoch in probe_epochs(study):
+        probe, subsets = protocol_eval(method, data, study, runtime, prefix="eval/")
+        if is_last:
+            logger.log_artifact_once(subsets, "eval/label_subsets.json")
+            with eval_mode(method):
+                logger.log_images(method.artifacts(data))
         return probe | {"knn_top1": probe["eval/knn_top1"], "knn_top5": probe["eval/knn_top5"]}
     if study.eval.knn_every and epoch % study.eval.knn_every == 0:
         return knn_eval(method, data, study, runtime)
