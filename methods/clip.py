@@ -93,7 +93,7 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
     """CLIP's symmetric InfoNCE (Fig. 3 pseudocode): cross-entropy over the scaled cosine
     similarities of image i with every text, and of text i with every image, averaged.
     Under DDP this rank's rows meet the global batch's columns."""
-    image, text = F.normalize(image.float(), dim=1), F.normalize(text.float(), dim=1)
+    image, text = F.normalize(image, dim=1), F.normalize(text, dim=1)
     all_image, all_text = gather_with_grad(image), gather_with_grad(text)
     labels = global_index(len(image), image.device)
     scale = logit_scale.exp()

@@ -75,8 +75,8 @@ def dino_loss(
     """DINO eq. (1)/(3): sum over teacher global views x and student views x' != x of
     H(P_t(x), P_s(x')) = -sum P_t log P_s, with P_t = softmax((g_t - c) / tau_t) (centred,
     sharpened) and P_s = softmax(g_s / tau_s); averaged over pairs and the batch."""
-    targets = [F.softmax((t.float() - center) / teacher_temp, dim=-1) for t in teacher_out]
-    log_probs = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student_out]
+    targets = [F.softmax((t - center) / teacher_temp, dim=-1) for t in teacher_out]
+    log_probs = [F.log_softmax(s / student_temp, dim=-1) for s in student_out]
     total, pairs = 0.0, 0
     for i, target in enumerate(targets):
         for j, log_p in enumerate(log_probs):

@@ -41,7 +41,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     2N views of the *global* batch; this rank's anchors are its own 2N views, and the mean over
     ranks (DDP's gradient average) is the mean over all global anchors.
     """
-    z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     local = torch.cat([z1, z2])  # [2n, d] anchors
     g1, g2 = gather_with_grad(z1), gather_with_grad(z2)
     candidates = torch.cat([g1, g2])  # [2N, d]
@@ -79,7 +79,7 @@ def info_nce_with_queue(
 @in_fp32
 def byol_regression(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL (Grill et al. 2020) eq. (2): ||p/||p|| - z/||z|| ||^2 = 2 - 2 cos(p, z), batch mean."""
-    return (2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=1)).mean()
+    return (2 - 2 * F.cosine_similarity(p, z, dim=1)).mean()
 
 
 def embedding_std(z: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from itertools import cycle
 import torch
 from torch import nn
 
+from sslab.platform.augment import ColorJitter
 from sslab.platform.config import TrainConfig, build_study
 from sslab.platform.data import load_dataset
 from sslab.platform.optim import build_optimizer
@@ -287,7 +288,7 @@ def _before_path(args, study, data, device):
     size, s = data.image_size, recipe.jitter_strength
     ops[0] = K.RandomResizedCrop((size, size), scale=(recipe.crop_scale_min, recipe.crop_scale_max))
     for i, op in enumerate(ops):
-        if type(op).__name__ == "ColorJitter":
+        if isinstance(op, ColorJitter):
             ops[i] = K.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5), p=recipe.jitter_p)
     gen = torch.Generator(device="cpu").manual_seed(0)
 

@@ -258,7 +258,7 @@ def ray_share(wall: float, rows: list[dict], concurrency: int, ray_start_seconds
     """What Ray cost the study: its start, and the trial slots' time spent outside the training
     loop (actor start, imports, scheduling, reporting), from the trials' own `trial_seconds`."""
     inside = sum(r.get("trial_seconds") or 0.0 for r in rows)
-    outside = max(0.0, wall - inside / max(1, min(concurrency, len(rows) or 1)))
+    outside = max(0.0, wall - inside / max(1, min(concurrency, len(rows))))
     return {
         "wall_seconds": wall,
         "ray_start_seconds": ray_start_seconds,
