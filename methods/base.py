@@ -60,6 +60,20 @@ class Method(nn.Module):
         self.total_steps = ctx.total_steps
         self.world_size = ctx.world_size
 
+    # Images up to this size (px) get `small_image_args` as defaults: CIFAR-sized recipes differ
+    # from ImageNet's (no local crops, smaller heads, faster EMA). A study's method_args win.
+    SMALL_IMAGE_SIZE: ClassVar[int] = 64
+
+    @classmethod
+    def small_image_args(cls) -> dict:
+        """method_args defaults for images of at most SMALL_IMAGE_SIZE px; {}: the Args defaults."""
+        return {}
+
+    @classmethod
+    def default_args(cls, image_size: int) -> dict:
+        """The defaults a study's method_args are laid over, for its image size."""
+        return cls.small_image_args() if image_size <= cls.SMALL_IMAGE_SIZE else {}
+
     @classmethod
     def augment_recipe(cls, args) -> AugmentRecipe:
         """The method's own augmentation; a study's `augment:` section overrides fields of it."""
@@ -104,6 +118,11 @@ class Method(nn.Module):
         """What evaluation measures; by default the backbone on normalised RGB. A method whose
         representation is elsewhere (a teacher, an input colour space) says so here."""
         return Encoder(self.backbone, self.feature_dim, self.normalize)
+
+    def monitored_encoders(self) -> dict[str, Encoder]:
+        """Other networks the kNN monitor also scores, by name (DINO's student beside its
+        teacher): logged as `<name>_knn_top1`. Evaluation proper measures `encoder()` only."""
+        return {}
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:

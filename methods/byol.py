@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sslab.methods.base import Method, MethodContext
+from sslab.methods.base import Encoder, Method, MethodContext
 from sslab.methods.ema import ema_update, frozen_copy
 from sslab.methods.heads import projection_head
 from sslab.methods.losses import byol_regression, embedding_std
@@ -39,8 +39,11 @@ class BYOL(Method):
     @classmethod
     def views(cls, args, image_size):
         # BYOL's two views are augmented differently (Table 6): blur 1.0 / 0.1, solarize 0 / 0.2.
-        first = AugmentRecipe(jitter_strength=0.5, jitter_p=0.8, grayscale_p=0.2, blur_p=1.0)
-        return {"first": View(first), "second": View(dataclasses.replace(first, blur_p=0.1, solarize_p=0.2))}
+        # No blur at 32 px (SimCLR App. B.9; solo-learn's CIFAR recipe): an 8 px kernel erases the image.
+        blur = 1.0 if image_size > cls.SMALL_IMAGE_SIZE else 0.0
+        first = AugmentRecipe(jitter_strength=0.5, jitter_p=0.8, grayscale_p=0.2, blur_p=blur)
+        second = dataclasses.replace(first, blur_p=0.1 * blur, solarize_p=0.2)
+        return {"first": View(first), "second": View(second)}
 
     def training_step(self, images, step, index=None):
         v1, v2 = self.views["first"](images), self.views["second"](images)
@@ -50,6 +53,10 @@ class BYOL(Method):
             t1, t2 = self.target_projector(self.target_backbone(torch.cat([v1, v2]))).chunk(2)
         loss = byol_regression(p1, t2) + byol_regression(p2, t1)  # symmetrised, L + L~
         return loss, {"z_std": embedding_std(z), "tau": torch.tensor(self.tau(step))}
+
+    def monitored_encoders(self) -> dict[str, Encoder]:
+        # The paper evaluates the online encoder; the target (an average of it) is followed too.
+        return {"target": Encoder(self.target_backbone, self.feature_dim, self.normalize)}
 
     def tau(self, step: int) -> float:
         return cosine_schedule(step, self.total_steps, start=self.args.tau_base, end=1.0)  # BYOL Sec. 3.2

@@ -59,6 +59,13 @@ class DINOHead(nn.Module):
         )
         self.last.parametrizations.weight.original0.data.fill_(1.0)
         self.last.parametrizations.weight.original0.requires_grad_(not args.norm_last_layer)
+        # DINO's code initialises the MLP's linear layers with a truncated normal (std 0.02):
+        # PyTorch's default (std ~1/sqrt(3 fan_in)) starts every prototype score far larger.
+        for layer in self.mlp.modules():
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
     def forward(self, x):
         return self.last(F.normalize(self.mlp(x), dim=-1))
@@ -101,13 +108,29 @@ class DINO(Method):
         self._teacher_mean = None
 
     @classmethod
+    def small_image_args(cls) -> dict:
+        # Measured on CIFAR-10 at 32 px (issue #21, reports/dino_byol_small_images): with the
+        # paper's ImageNet recipe the teacher stays uniform for hundreds of steps; a 2-layer BN
+        # head (the convnet variant), 2048 prototypes, no 12 px local crops, no frozen prototypes
+        # and a faster teacher (0.99, as solo-learn's CIFAR configs) learn from the first epochs.
+        return {
+            "local_crops": 0,
+            "freeze_last_layer": 0.0,
+            "head_layers": 2,
+            "head_batch_norm": True,
+            "out_dim": 2048,
+            "momentum_teacher": 0.99,
+        }
+
+    @classmethod
     def views(cls, args, image_size):
         """Multi-crop (Sec. 3.1 and DINO's code): two global crops, scale (0.4, 1), one always
         blurred and one rarely blurred but sometimes solarised; `local_crops` small crops, scale
         (0.05, 0.4), blur 0.5. A study changes any of them under `augment.views.<name>`."""
-        first = AugmentRecipe(crop_scale_min=0.4, jitter_strength=0.5, blur_p=1.0)
-        second = dataclasses.replace(first, blur_p=0.1, solarize_p=0.2)
-        local = dataclasses.replace(first, crop_scale_min=0.05, crop_scale_max=0.4, blur_p=0.5)
+        blur = 1.0 if image_size > cls.SMALL_IMAGE_SIZE else 0.0  # no blur at 32 px (SimCLR App. B.9)
+        first = AugmentRecipe(crop_scale_min=0.4, jitter_strength=0.5, blur_p=blur)
+        second = dataclasses.replace(first, blur_p=0.1 * blur, solarize_p=0.2)
+        local = dataclasses.replace(first, crop_scale_min=0.05, crop_scale_max=0.4, blur_p=0.5 * blur)
         local_size = args.local_crop_size or max(8, image_size * 96 // 224 // 2 * 2)
         return {
             "global_1": View(first),
@@ -140,9 +163,14 @@ class DINO(Method):
             list(student), list(teacher), self.center, self.args.student_temp, self.teacher_temp(step)
         )
         self._teacher_mean = torch.cat(teacher).float().mean(dim=0, keepdim=True)
+        entropy = torch.stack([_entropy(t, self.center, self.teacher_temp(step)) for t in teacher]).mean()
         return loss, {
             "z_std": embedding_std(student[0]),
-            "teacher_entropy": _entropy(teacher[0], self.center, self.teacher_temp(step)),
+            "teacher_entropy": entropy,
+            # KL(P_t || P_s) = H(P_t, P_s) - H(P_t): DINO Fig. 7's diagnostic. It falls to 0 in
+            # both collapses (the student matches a uniform or a one-hot teacher) and stays
+            # positive while the teacher has something to teach.
+            "teacher_student_kl": loss.detach() - entropy,
         }
 
     def before_optimizer_step(self, step):
@@ -170,6 +198,13 @@ class DINO(Method):
     def encoder(self) -> Encoder:
         backbone = self.teacher_backbone if self.args.eval_on == "teacher" else self.backbone
         return Encoder(backbone, self.feature_dim, self.normalize)
+
+    def monitored_encoders(self) -> dict[str, Encoder]:
+        # The teacher and the student learn at different times (the teacher lags, then leads):
+        # the kNN monitor follows the one evaluation does not measure too.
+        other = "student" if self.args.eval_on == "teacher" else "teacher"
+        backbone = self.backbone if other == "student" else self.teacher_backbone
+        return {other: Encoder(backbone, self.feature_dim, self.normalize)}
 
 
 def _entropy(logits, center, temperature) -> torch.Tensor:

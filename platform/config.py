@@ -417,8 +417,10 @@ def build_study(raw: dict, source: str = "<config>") -> StudyConfig:
         method_cls = get_method_class(study.method)
     except KeyError as err:
         raise ConfigError(source, "method", str(err.args[0])) from None
+    # A method's defaults may depend on the image size (declared in its file); the study's win.
+    method_args = method_cls.default_args(study.data.image_size) | (study.method_args or {})
     study.method_args = dataclasses.asdict(
-        from_dict(method_cls.Args, study.method_args, source, prefix="method_args")
+        from_dict(method_cls.Args, method_args, source, prefix="method_args")
     )
     if method_cls.backbones and study.backbone.name not in method_cls.backbones:
         raise ConfigError(

@@ -208,6 +208,25 @@ def fraction_suffix(fraction: float) -> str:
     return "" if fraction >= 1 else f"_{100 * fraction:g}pct".replace(".", "p")
 
 
+def monitored_knn(method, data, eval_cfg, device, prefix: str) -> dict[str, float]:
+    """kNN of the other networks a method follows (`monitored_encoders`): `<prefix><name>_knn_top1`."""
+    metrics = {}
+    with eval_mode(method):
+        for name, encoder in method.monitored_encoders().items():
+            features = lambda x, e=encoder: e.module(e.transform(x))
+            knn = knn_accuracy(
+                extract_features(features, data.train_images, device),
+                data.train_labels,
+                extract_features(features, data.test_images, device),
+                data.test_labels,
+                len(data.classes),
+                k=eval_cfg.knn_k,
+                temperature=eval_cfg.knn_temperature,
+            )
+            metrics |= {f"{prefix}{name}_{k}": v for k, v in knn.items()}
+    return metrics
+
+
 def run_protocols(
     method, data, eval_cfg, device, seed: int = 0, amp: bool = False, prefix: str = "eval/"
 ) -> tuple[dict[str, float], dict[str, list[int]]]:
@@ -231,6 +250,7 @@ def run_protocols(
         temperature=eval_cfg.knn_temperature,
     )
     metrics |= {f"{prefix}{k}": v for k, v in knn.items()}
+    metrics |= monitored_knn(method, data, eval_cfg, device, prefix)
     for fraction in eval_cfg.label_fractions:
         keep = balanced_subset(data.train_labels, fraction, seed)
         suffix = fraction_suffix(fraction)

@@ -1,5 +1,6 @@
 """DINO and CLIP: losses against the papers' formulas; centre, schedules, crops, captions."""
 
+import dataclasses
 import math
 
 import pytest
@@ -88,9 +89,43 @@ def test_dino_head_layers_and_batch_norm(make_method):
     kinds = [type(m).__name__ for m in dino.head.mlp]
     assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear"]
     assert dino.head.last.parametrizations.weight.original0.requires_grad  # prototype norms learnt
-    plain, _ = make_method("dino", out_dim=16)
+    plain, _ = make_method("dino", out_dim=16, head_layers=3, head_batch_norm=False)
     assert [type(m).__name__ for m in plain.head.mlp].count("Linear") == 3
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.head.mlp)
+    # DINO's code: the MLP's linear layers start from a truncated normal of std 0.02.
+    weight = plain.head.mlp[0].weight
+    assert weight.std().item() == pytest.approx(0.02, rel=0.15)  # PyTorch default here: 0.05
+
+
+def test_small_images_get_the_small_image_recipe_and_a_study_overrides_it(tiny_raw):
+    """Images up to 64 px default to each method's small_image_args (DINO: 2-layer BN head, no
+    local crops, faster teacher, no blur); larger images keep the paper's defaults."""
+    from sslab.methods.dino import DINO, DINOArgs
+
+    tiny_raw.update(method="dino", method_args={})
+    small = build_study(tiny_raw).method_args
+    assert small["local_crops"] == 0 and small["head_layers"] == 2 and small["momentum_teacher"] == 0.99
+    tiny_raw["data"] = dict(tiny_raw["data"], image_size=96)
+    large = build_study(tiny_raw).method_args
+    assert large == dataclasses.asdict(DINOArgs())  # the paper's recipe
+    tiny_raw["data"]["image_size"] = 16
+    tiny_raw["method_args"] = {"local_crops": 2}
+    assert build_study(tiny_raw).method_args["local_crops"] == 2  # the study's value wins
+    assert DINO.views(DINOArgs(), 32)["global_1"].recipe.blur_p == 0.0
+    assert DINO.views(DINOArgs(), 96)["global_1"].recipe.blur_p == 1.0
+
+
+def test_dino_logs_the_teacher_student_kl_and_monitors_the_student(make_method):
+    """KL(P_t || P_s) = H(P_t, P_s) - H(P_t) (DINO Fig. 7), and the kNN monitor scores the student
+    beside the teacher that evaluation measures."""
+    dino, data = make_method("dino", out_dim=16)
+    loss, metrics = dino.training_step(data.train_images[:8], 0)
+    assert metrics["teacher_student_kl"].item() == pytest.approx(
+        loss.item() - metrics["teacher_entropy"].item(), abs=1e-5
+    )
+    assert metrics["teacher_student_kl"].item() >= -1e-5  # a KL is never negative
+    assert set(dino.monitored_encoders()) == {"student"}
+    assert dino.monitored_encoders()["student"].module is dino.backbone
 
 
 def test_dino_runs_on_a_vit(make_method, tiny_raw):
