@@ -119,6 +119,11 @@ class Method(nn.Module):
         representation is elsewhere (a teacher, an input colour space) says so here."""
         return Encoder(self.backbone, self.feature_dim, self.normalize)
 
+    def uses_labels(self) -> str:
+        """How the method learns from the dataset's labels, "" if it does not (self-supervised).
+        Reports mark such trials: their numbers are not a self-supervised method's."""
+        return ""
+
     def monitored_encoders(self) -> dict[str, Encoder]:
         """Other networks the kNN monitor also scores, by name (DINO's student beside its
         teacher): logged as `<name>_knn_top1`. Evaluation proper measures `encoder()` only."""

@@ -112,6 +112,7 @@ class CLIP(Method):
     def __init__(self, args: CLIPArgs, ctx: MethodContext):
         super().__init__(args, ctx)
         data = ctx.dataset
+        self.captions_from_labels = not data.train_captions
         captions = data.train_captions or [
             args.caption_template.format(data.classes[y]) for y in data.train_labels.tolist()
         ]
@@ -138,6 +139,11 @@ class CLIP(Method):
         self.logit_scale.clamp_(max=math.log(100))  # CLIP caps the scale at 100
 
     @torch.no_grad()
+    def uses_labels(self) -> str:
+        if self.captions_from_labels:
+            return "clip's captions are built from the class labels (caption_template)"
+        return "clip's captions describe each image, naming its class on the synthetic data"
+
     def evaluate(self, data) -> dict[str, float]:
         """Zero-shot top-1 on the test split: each image takes the class whose prompts'
         mean text embedding is closest (prompt ensembling, CLIP Sec. 3.1.4)."""

@@ -1,4 +1,4 @@
-"""sslab command line: run | validate | report | eval | methods | ui | bench.
+"""sslab command line: run | validate | report | eval | export | methods | ui | bench.
 
 Bad input (a study file, a --set override) prints one line naming the file and key and exits
 with code 2 before anything is written.
@@ -38,7 +38,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    study, raw = load_study(args.study, args.set)
+    overrides = args.set + ([f"register_model={args.register}"] if args.register else [])
+    study, raw = load_study(args.study, overrides)
     from sslab.platform.report import build_report
     from sslab.platform.study import run_study
 
@@ -88,16 +89,9 @@ def cmd_eval(args) -> int:
 
     from sslab.platform.config import build_study, set_dotted
     from sslab.platform.data import load_dataset
-    from sslab.platform.tracking import Tracker, default_tracking_uri, require_store
-    from sslab.platform.train import evaluate_checkpoint, has_checkpoint
+    from sslab.platform.train import evaluate_checkpoint
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(_workdir(args))
-    require_store(uri, "--tracking-uri")
-    tracker = Tracker(uri)
-    try:
-        run = tracker.client.get_run(args.run)
-    except Exception:
-        raise ConfigError(uri, "RUN", f"no MLflow run {args.run!r}") from None
+    tracker, run = _tracked_run(args)
     raw = json.loads(Path(tracker.client.download_artifacts(args.run, "config.json")).read_text())
     raw["sweep"] = {}
     if args.protocol:
@@ -108,9 +102,7 @@ def cmd_eval(args) -> int:
         key, value = parse_override(text)
         set_dotted(raw, key, value)
     study = build_study(raw, source=f"run {args.run}")
-    checkpoint = Path(run.data.tags.get("sslab.checkpoint", ""))
-    if not has_checkpoint(checkpoint):
-        raise ConfigError(f"run {args.run}", "tags.sslab.checkpoint", f"no checkpoint at {checkpoint}")
+    checkpoint = run_checkpoint(tracker, run)
     device = torch.device(
         args.device or ("cuda" if torch.cuda.is_available() and study.train.use_gpu else "cpu")
     )
@@ -126,6 +118,93 @@ def cmd_eval(args) -> int:
     for key, value in sorted(metrics.items()):
         print(f"  {key:<{width}}  {100 * value:6.2f}%")
     return 0
+
+
+def _tracked_run(args):
+    """(tracker, run) for a RUN_ID argument; a missing store or run is a one-line error."""
+    from sslab.platform.tracking import Tracker, default_tracking_uri, require_store
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(_workdir(args))
+    require_store(uri, "--tracking-uri")
+    tracker = Tracker(uri)
+    try:
+        return tracker, tracker.client.get_run(args.run)
+    except Exception:
+        raise ConfigError(uri, "RUN", f"no MLflow run {args.run!r}") from None
+
+
+def run_checkpoint(tracker, run) -> Path:
+    """The trial's checkpoint: the local file the trial wrote where this machine has it, else
+    the copy logged to the run (`checkpoint/`), downloaded from the tracking server."""
+    from sslab.platform.train import has_checkpoint
+
+    local = Path(run.data.tags.get("sslab.checkpoint", ""))
+    if local.name and has_checkpoint(local):
+        return local
+    try:
+        return Path(
+            tracker.client.download_artifacts(run.info.run_id, f"checkpoint/{local.name or 'checkpoint.pt'}")
+        )
+    except Exception:
+        raise ConfigError(
+            f"run {run.info.run_id}",
+            "tags.sslab.checkpoint",
+            f"no checkpoint at {local} nor in the run's artifacts",
+        ) from None
+
+
+def cmd_export(args) -> int:
+    """Writes a trial's encoder to --out (weights in torchvision / timm layout, input statistics,
+    loader) and prints the lines that load it."""
+    import json
+    import shutil
+    import tempfile
+
+    from sslab.platform.export import load_lines
+
+    tracker, run = _tracked_run(args)
+    out = Path(args.out).resolve()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = Path(tracker.client.download_artifacts(args.run, "encoder", tmp))
+        except Exception:
+            folder = _export_from_checkpoint(tracker, run, Path(tmp))
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("encoder.pt", "encoder.json", "load.py"):
+            shutil.copy2(folder / name, out / name)
+    info = json.loads((out / "encoder.json").read_text())
+    print(
+        f"run {args.run} ({run.info.run_name}): {info['method']} encoder, {info['architecture']}, "
+        f"{info['feature_dim']}-d features, written to {out}"
+    )
+    if "mean" in info:
+        print(f"input: RGB in [0, 1], normalised with mean {info['mean']} and std {info['std']}")
+    print("load it with:")
+    for line in load_lines(info, str(out)):
+        print("    " + line)
+    return 0
+
+
+def _export_from_checkpoint(tracker, run, folder: Path) -> Path:
+    """Runs from before trials logged `encoder/`: rebuild the method and export its checkpoint."""
+    import json
+
+    import torch
+
+    from sslab.platform.config import build_study
+    from sslab.platform.data import load_dataset
+    from sslab.platform.export import write_export
+    from sslab.platform.train import build_method, load_checkpoint
+
+    raw = json.loads(
+        Path(tracker.client.download_artifacts(run.info.run_id, "config.json", str(folder))).read_text()
+    )
+    raw["sweep"] = {}
+    study = build_study(raw, source=f"run {run.info.run_id}")
+    method = build_method(study, load_dataset(study.data), torch.device("cpu"), total_steps=1)
+    load_checkpoint(run_checkpoint(tracker, run), method, None, torch.device("cpu"))
+    write_export(method.eval(), study, folder / "encoder", run_id=run.info.run_id)
+    return folder / "encoder"
 
 
 def cmd_methods(args) -> int:
@@ -205,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", help="join an existing Ray cluster (default: local; or $RAY_ADDRESS)")
     run.add_argument("--resume", action="store_true", help="finish the last invocation's unfinished trials")
     run.add_argument("--no-report", action="store_true")
+    run.add_argument(
+        "--register", metavar="NAME", help="register every trial's encoder as model NAME in MLflow"
+    )
     report = study_command("report", "rebuild reports/<study>/ from MLflow", cmd_report)
     common(report)
     report.add_argument("--parent-run", help="the study invocation (default: the latest)")
@@ -232,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device")
     common(ev)
     ev.set_defaults(fn=cmd_eval)
+    ex = sub.add_parser(
+        "export", help="write a trial's encoder in torchvision / timm layout, print how to load it"
+    )
+    ex.add_argument("run", help="MLflow run id of a trial (see the report's run links)")
+    ex.add_argument("--out", required=True, help="folder for encoder.pt, encoder.json and load.py")
+    common(ex)
+    ex.set_defaults(fn=cmd_export)
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     common(ui)
     ui.add_argument("--port", type=int, default=5000)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -203,6 +204,10 @@ class StudyConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     paper: PaperConfig = field(default_factory=PaperConfig)
+    # MLflow: each trial logs its encoder as an MLflow model (a torch.export program) and, with a
+    # name here (or `sslab run --register NAME`), registers it in the model registry.
+    log_model: bool = True
+    register_model: str = ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -288,7 +293,9 @@ def from_dict(cls: type, data: dict, source: str = "<config>", prefix: str = "")
     for key in data:
         if key not in fields:
             known = ", ".join(sorted(fields))
-            raise ConfigError(source, _join(prefix, key), f"unknown key (known: {known})")
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(source, _join(prefix, key), f"unknown key ({hint}known: {known})")
     kwargs = {}
     for name, f in fields.items():
         key = _join(prefix, name)
@@ -411,6 +418,10 @@ def build_study(raw: dict, source: str = "<config>") -> StudyConfig:
 
     study = from_dict(StudyConfig, raw, source)
     check_study_name(study.name, source)
+    if study.register_model and not STUDY_NAME.fullmatch(study.register_model):
+        raise ConfigError(
+            source, "register_model", f"{study.register_model!r} is not a model name (letters, digits, _ . -)"
+        )
     _check_registered(study, source)
     _check_seeds(study.seeds, source)
     try:
@@ -573,6 +584,33 @@ def _check_sweep(raw: dict, study: StudyConfig, source: str) -> None:
         raise ConfigError(source, "scheduler.mutations", "pbt needs at least one key to mutate")
     if study.scheduler.name == "pbt" and study.train.num_workers > 1:
         raise ConfigError(source, "scheduler.name", "pbt runs single-worker trials (train.num_workers: 1)")
+    _check_scheduler_sees_fresh_knn(study, source)
+
+
+def _check_scheduler_sees_fresh_knn(study: StudyConfig, source: str) -> None:
+    """ASHA and PBT compare trials at rungs / perturbations; a kNN metric is fresh only at the
+    epochs the monitor runs. Between them every report repeats the last kNN (before the first:
+    the random-init one), so a scheduler would rank trials on a stale or untrained number."""
+    sched, every = study.scheduler, study.eval.knn_every
+    if sched.name == "fifo" or not sched.metric.startswith("knn_"):
+        return
+    at, epochs = (
+        ("grace_period", sched.grace_period)
+        if sched.name == "asha"
+        else ("perturbation_interval", sched.perturbation_interval)
+    )
+    if every == 0:
+        problem = f"eval.knn_every is 0: {sched.name} would rank trials on the random-init {sched.metric}"
+    elif epochs % every:
+        problem = (
+            f"{epochs} is not a multiple of eval.knn_every={every}: "
+            f"{sched.name} would rank on a stale {sched.metric}"
+        )
+    else:
+        return
+    raise ConfigError(
+        source, f"scheduler.{at}", problem + " (set eval.knn_every, or a scheduler.metric such as loss)"
+    )
 
 
 def _check_distribution(raw: dict, dotted: str, spec: tuple[str, list], key: str, source: str) -> None:

@@ -9,6 +9,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -54,12 +55,44 @@ def load_study_runs(tracker: Tracker, experiment_id: str, parent, extra_curves: 
             "run_id": run.info.run_id,
         }
         row.update(run.data.metrics)
+        row["uses_labels"] = run.data.tags.get("sslab.uses_labels", "")
+        row["state"] = collapse_state(run.data.metrics, params)
         rows.append(row)
-        for key in dict.fromkeys(CURVES + extra_curves):
+        monitored = tuple(k for k in run.data.metrics if _is_monitored_knn(k))
+        for key in dict.fromkeys(CURVES + extra_curves + monitored):
             for m in tracker.client.get_metric_history(run.info.run_id, key):
                 curves.append({"trial": row["trial"], "metric": key, "epoch": m.step, "value": m.value})
     trials = pd.DataFrame(rows).sort_values("trial", ignore_index=True) if rows else pd.DataFrame()
     return trials, pd.DataFrame(curves)
+
+
+def _is_monitored_knn(key: str) -> bool:
+    """kNN of a network a method follows beside its evaluated one (`student_knn_top1`)."""
+    return key.endswith("_knn_top1") and key != "knn_top1" and not key.startswith(("random_init_", "eval/"))
+
+
+# Collapse, read from the last epoch's diagnostics (DINO Sec. 5.3 / Fig. 7; SimSiam Sec. 4.1).
+UNIFORM_ENTROPY = 0.97  # teacher entropy at >= 97% of log K: every prototype equally likely
+ONE_HOT_ENTROPY = 0.03  # <= 3% of log K: one prototype takes every image
+KL_COLLAPSED = 0.01  # nats: the student matches the teacher, nothing left to learn from it
+Z_STD_COLLAPSED = 1e-3  # per-dimension std of unit embeddings (about 1/sqrt(d) when spread)
+
+
+def collapse_state(metrics: dict, params: dict) -> str:
+    """ "collapsed (uniform)", "collapsed (one-hot)", "collapsed (constant)" or "learning" from a
+    trial's last logged diagnostics; "" for a method that logs none."""
+    entropy, kl = metrics.get("teacher_entropy"), metrics.get("teacher_student_kl")
+    out_dim = params.get("method_args.out_dim")
+    if entropy is not None and kl is not None and out_dim:
+        ratio = entropy / math.log(float(out_dim))
+        if kl < KL_COLLAPSED and ratio >= UNIFORM_ENTROPY:
+            return "collapsed (uniform)"
+        if kl < KL_COLLAPSED and ratio <= ONE_HOT_ENTROPY:
+            return "collapsed (one-hot)"
+        return "learning"
+    if metrics.get("z_std") is not None:
+        return "collapsed (constant)" if metrics["z_std"] < Z_STD_COLLAPSED else "learning"
+    return ""
 
 
 def point_name(trial: str) -> str:
@@ -123,6 +156,30 @@ def _plot_curves(curves: pd.DataFrame, metric: str, ylabel: str) -> str | None:
     ax.grid(alpha=0.3)
     if data["trial"].nunique() <= 12:
         ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _plot_monitored(curves: pd.DataFrame) -> str | None:
+    """kNN per epoch of every network a trial follows: the evaluated one (solid) beside the
+    others (dashed: DINO's student, BYOL's target), so a reader sees which learns when."""
+    if curves.empty or not curves["metric"].map(_is_monitored_knn).any():
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    followed = curves[curves["metric"].map(_is_monitored_knn)]["trial"].unique()
+    for trial in followed:
+        mine = curves[curves["trial"] == trial]
+        for metric, group in mine[
+            mine["metric"].map(lambda k: k == "knn_top1" or _is_monitored_knn(k))
+        ].groupby("metric"):
+            group = group.sort_values("epoch").drop_duplicates("epoch", keep="last")
+            network = "evaluated" if metric == "knn_top1" else metric.removesuffix("_knn_top1")
+            style = "-" if metric == "knn_top1" else "--"
+            ax.plot(group["epoch"], group["value"], style, marker="o", ms=3, label=f"{trial} ({network})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("kNN top-1 (epoch 0 = random init)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     return _png(fig)
 
 
@@ -240,16 +297,35 @@ def build_report(study: str, tracking_uri: str, out_dir: Path, parent_run_id: st
         "probes.png": _plot_probes(probes, metric),
         "loss.png": _plot_curves(curves, "loss", "training loss"),
         "knn_top1.png": _plot_curves(curves, "knn_top1", "kNN top-1 (epoch 0 = random init)"),
+        "monitored_knn.png": _plot_monitored(curves),
     }
     for name, png in plots.items():
         if png:
             (out_dir / name).write_bytes(base64.b64decode(png))
     sections = _sections(study, parent, config, trials, experiment_id, probes)
+    sections["ui"] = ui_address(tracking_uri)
     (out_dir / "report.md").write_text(_markdown(sections, plots))
     (out_dir / "report.html").write_text(_html(sections, plots))
     if not trials.empty:
         trials.to_csv(out_dir / "trials.csv", index=False)
+    # The report travels with the study's parent run: whoever reads the store reads the report.
+    tracker.log_artifacts(parent.info.run_id, out_dir, "report")
     return out_dir
+
+
+def ui_address(tracking_uri: str) -> str:
+    """Where the MLflow UI of this store is: the tracking server itself, or for a local store
+    the address `sslab ui` serves it on."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return "http://127.0.0.1:5000"
+
+
+def _ui_note(ui: str) -> str:
+    local = ui == "http://127.0.0.1:5000"
+    return f"MLflow run links open {ui}" + (
+        " (start it with `sslab ui` on the same store)." if local else "."
+    )
 
 
 def portable(path: str | None) -> str | None:
@@ -301,16 +377,17 @@ def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str, p
     header = ["trial", "status"]
     for _, _, label in shown:
         header += [f"{label} (%)", "random init (%)", "gain (pts)"]
-    header += ["final loss", "images/s", "MLflow run"]
+    flagged = not trials.empty and trials["state"].astype(bool).any()
+    header += ["final loss"] + (["collapse"] if flagged else []) + ["images/s", "MLflow run"]
     rows = []
     for _, r in trials.iterrows():
-        row = [r["trial"], r["status"]]
+        row = [r["trial"] + (" (uses labels)" if r.get("uses_labels") else ""), r["status"]]
         for trained, base, _ in shown:
             value, baseline = r.get(trained), r.get(base)
             gain = (value - baseline) * 100 if pd.notna(value) and pd.notna(baseline) else float("nan")
             row += [_fmt(value, 100), _fmt(baseline, 100), _fmt(gain, 1, "+.1f")]
+        row += [_fmt(r.get("loss"), 1, ".3f")] + ([r["state"] or "-"] if flagged else [])
         row += [
-            _fmt(r.get("loss"), 1, ".3f"),
             _fmt(r.get("images_per_s"), 1, ".0f"),
             f"#/experiments/{experiment_id}/runs/{r['run_id']}",
         ]
@@ -334,7 +411,19 @@ def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str, p
         "points_header": points_header,
         "points": points,
         "paper": _paper_section(config.get("paper") or {}, trials, probes),
+        "labels_note": _labels_note(trials),
     }
+
+
+def _labels_note(trials: pd.DataFrame) -> str:
+    """Which trials learned from labels (CLIP's captions built from class names): not self-supervised."""
+    if trials.empty or not trials["uses_labels"].astype(bool).any():
+        return ""
+    used = trials[trials["uses_labels"].astype(bool)]
+    how = "; ".join(dict.fromkeys(used["uses_labels"]))
+    return (
+        f"Trials marked (uses labels) trained with label information, so they are not self-supervised: {how}."
+    )
 
 
 def _paper_section(paper: dict, trials: pd.DataFrame, probes: pd.DataFrame | None = None) -> dict | None:
@@ -490,8 +579,8 @@ def _markdown(s: dict, plots: dict) -> str:
         lines += _md_paper(s["paper"], plots)
     lines += ["## Results (mean ± std over seeds)", ""]
     lines += _md_table(s["points_header"], s["points"]) + [""]
-    lines += ["## Trials", "", "MLflow run links are relative to `sslab ui` (http://127.0.0.1:5000/).", ""]
-    lines += _md_table(s["header"], [r[:-1] + [f"[run]({r[-1]})"] for r in s["rows"]]) + [""]
+    lines += ["## Trials", "", _ui_note(s["ui"]), ""] + ([s["labels_note"], ""] if s["labels_note"] else [])
+    lines += _md_table(s["header"], [r[:-1] + [f"[run]({s['ui']}/{r[-1]})"] for r in s["rows"]]) + [""]
     lines += (
         ["## Curves", ""]
         + [
@@ -556,7 +645,7 @@ def _html(s: dict, plots: dict) -> str:
         for row in rows:
             cells = [e(str(c)) for c in row]
             if link_last:
-                cells[-1] = f'<a href="http://127.0.0.1:5000/{e(row[-1])}">run</a>'
+                cells[-1] = f'<a href="{e(s["ui"])}/{e(row[-1])}">run</a>'
             body += "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -603,6 +692,7 @@ def _html(s: dict, plots: dict) -> str:
         f"<style>{style}</style></head><body><h1>{e(s['title'])}</h1><p>{e(s['description'])}</p>"
         f"<h2>Setup</h2><ul>{setup}</ul>{paper}<h2>Results (mean ± std over seeds)</h2>"
         f"{table(s['points_header'], s['points'])}<h2>Trials</h2>"
-        f"<p>Run links open the MLflow UI started by <code>sslab ui</code>.</p>"
-        f"{table(s['header'], s['rows'], link_last=True)}<h2>Curves</h2>{images}</body></html>"
+        f"<p>{e(_ui_note(s['ui']))}</p>"
+        + (f"<p>{e(s['labels_note'])}</p>" if s["labels_note"] else "")
+        + f"{table(s['header'], s['rows'], link_last=True)}<h2>Curves</h2>{images}</body></html>"
     )

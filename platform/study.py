@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -431,9 +432,18 @@ def study_tags(study: StudyConfig, commit: str) -> dict:
     return {
         "method": study.method,
         "git_commit": commit,
+        "mlflow.source.git.commit": commit,  # the MLflow UI's commit column
         "dataset": study.data.name,
         "config_hash": study.config_hash(),
     }
+
+
+def study_note(study: StudyConfig) -> str:
+    """The parent run's description in the MLflow UI: the study's question, the paper's claim."""
+    parts = [study.description or f"{study.method} study {study.name}"]
+    if study.paper.reference or study.paper.claim:
+        parts.append(f"**Paper** ({study.paper.reference}): {study.paper.claim}")
+    return "\n\n".join(parts)
 
 
 def _parent_run(
@@ -448,7 +458,7 @@ def _parent_run(
         parent_run_id = paths.latest_invocation(study.name)
         tracker.client.update_run(parent_run_id, status="RUNNING")
         return parent_run_id
-    tags = study_tags(study, git_commit()) | {"sslab.role": "study"}
+    tags = study_tags(study, git_commit()) | {"sslab.role": "study", "mlflow.note.content": study_note(study)}
     parent_run_id = tracker.start_parent(
         experiment_id, f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags
     )
@@ -736,6 +746,7 @@ def _run_tune(
                 failure_config=tune.FailureConfig(max_failures=0),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=_tune_checkpoints_kept(study)),
                 verbose=1,
+                callbacks=[study_progress(study, num_samples * (len(fixed) or 1))],
             ),
         )
     grid = tuner.fit()
@@ -747,6 +758,57 @@ def _run_tune(
         ]["trial_name"]
         statuses[name] = "ERROR" if result.error else "TERMINATED"
     return statuses
+
+
+def study_progress(study: StudyConfig, total: int):
+    """A Tune callback that prints a line when a trial starts, finishes, is stopped early or fails,
+    with the study's counts and the time left at the pace of the trials finished so far."""
+    from ray.tune import Callback
+
+    class StudyProgress(Callback):
+        def __init__(self):
+            self.started: dict[str, float] = {}  # running trials -> start time
+            self.durations: list[float] = []  # of the trials ended so far
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started[trial.trial_id] = time.time()
+            self._say(trial, "started")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._ended(trial, "finished" if _ran_to_the_end(trial, study) else "stopped early")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._ended(trial, "FAILED")
+
+        def _ended(self, trial, what):
+            self.durations.append(time.time() - self.started.pop(trial.trial_id, time.time()))
+            self._say(trial, f"{what} after {_clock(self.durations[-1])}")
+
+        def _say(self, trial, what):
+            done, running = len(self.durations), len(self.started)
+            pending = max(0, total - done - running)
+            eta = ""
+            if self.durations:  # at the pace of the trials ended so far
+                left = (pending + running / 2) * statistics.mean(self.durations) / study.max_concurrent_trials
+                eta = f"; about {_clock(left)} left"
+            name = trial.config.get("trial") or trial.trial_id
+            print(
+                f"study {study.name}: trial {name} {what} ({done} done, {running} running, "
+                f"{pending} pending of {total}{eta})",
+                flush=True,
+            )
+
+    return StudyProgress()
+
+
+def _ran_to_the_end(trial, study: StudyConfig) -> bool:
+    return (trial.last_result or {}).get("epoch", 0) >= study.train.epochs
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _tune_trial_name(trial) -> str:

@@ -153,6 +153,43 @@ class Tracker:
         """A uint8 [3, H, W] tensor as a PNG artifact."""
         self.client.log_image(run_id, image.permute(1, 2, 0).cpu().numpy(), artifact_file=artifact_file)
 
+    def log_artifacts(self, run_id: str, folder: Path, artifact_path: str) -> None:
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
+
+    def log_encoder_model(self, run_id: str, module, example, register_as: str = "") -> str:
+        """The encoder as an MLflow model in the run (`mlflow.pytorch.log_model`): a torch.export
+        program (loads with torch alone, no pickled sslab classes), with its signature and an
+        input example; registered under `register_as` when given. Returns the model URI."""
+        import mlflow
+        import torch
+        from mlflow.models import infer_signature
+
+        with torch.no_grad():
+            output = module(example).numpy()
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=run_id, nested=True):
+            info = mlflow.pytorch.log_model(
+                module,
+                name="encoder",
+                signature=infer_signature(example.numpy(), output),
+                input_example=example.numpy(),
+                serialization_format="pt2",
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                registered_model_name=register_as or None,
+            )
+        return info.model_uri
+
+    def system_metrics(self, run_id: str):
+        """MLflow's monitor of CPU, memory, disk, network (and GPU where pynvml sees one),
+        logged to the run as system/... every 10 s; None where psutil is missing."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError:
+            return None
+        monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=self.uri)
+        monitor.start()
+        return monitor
+
     def set_tag(self, run_id: str, key: str, value) -> None:
         self.client.set_tag(run_id, key, str(value))
 

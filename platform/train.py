@@ -10,6 +10,7 @@ Ray is imported only when the runtime needs it, so the loop runs with torch alon
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import math
@@ -275,7 +276,7 @@ class TrialLogger:
     """Rank 0's MLflow child run; epochs already logged (before a restart) are not logged twice."""
 
     def __init__(self, tracking: dict | None, runtime: Runtime, study: StudyConfig):
-        self.tracker = self.run_id = None
+        self.tracker = self.run_id = self.monitor = None
         self.logged: set[int] = set()
         if tracking is None or not runtime.is_main:
             return
@@ -286,10 +287,15 @@ class TrialLogger:
         self.run_id, created = self.tracker.find_or_create_child(spec)
         # What the trial computed with: concurrent trials must not oversubscribe the cores.
         self.tracker.set_tag(self.run_id, "sslab.torch_threads", torch.get_num_threads())
+        self.monitor = self.tracker.system_metrics(self.run_id)
         if created:
             self.tracker.log_dict(self.run_id, study.to_dict(), "config.json")
         else:
             self.logged = self.tracker.logged_steps(self.run_id, "loss")
+
+    def tag(self, key: str, value: str) -> None:
+        if self.tracker:
+            self.tracker.set_tag(self.run_id, key, value)
 
     def log(self, metrics: dict, epoch: int) -> None:
         if self.tracker and epoch not in self.logged:
@@ -309,8 +315,34 @@ class TrialLogger:
             if self.tracker:
                 self.tracker.log_image(self.run_id, image, f"samples/{name}.png")
 
+    def log_outputs(self, method: Method, study: StudyConfig, data: Dataset, checkpoint: Path) -> None:
+        """After training: the export (`encoder/`: weights in torchvision/timm layout, input
+        statistics, loader), the checkpoint (`checkpoint/`: `sslab eval` and `sslab export`
+        against a remote store) and the encoder as an MLflow model, registered if asked."""
+        if not self.tracker:
+            return
+        from sslab.platform.export import EncoderModule, write_export
+
+        folder = checkpoint.parent / "encoder"
+        write_export(method, study, folder, run_id=self.run_id)
+        self.tracker.log_artifacts(self.run_id, folder, "encoder")
+        self.tracker.client.log_artifact(self.run_id, str(checkpoint), "checkpoint")
+        if not study.log_model:
+            return
+        # A CPU copy in fp32, eval mode: what a user loads (the trained method stays as it is).
+        module = copy.deepcopy(EncoderModule(method.encoder())).cpu().float().eval()
+        example = data.test_images[:2].cpu().float() / 255  # RGB in [0, 1]
+        try:
+            uri = self.tracker.log_encoder_model(self.run_id, module, example, study.register_model)
+        except Exception as err:  # the weights are safe in encoder/ and checkpoint/: warn, go on
+            print(f"warning: MLflow model logging failed ({type(err).__name__}: {err})", file=sys.stderr)
+            return
+        self.tracker.set_tag(self.run_id, "sslab.model_uri", uri)
+
     def end(self, status: str) -> None:
         if self.tracker:
+            if self.monitor:
+                self.monitor.finish()
             self.tracker.end(self.run_id, status)
 
 
@@ -398,6 +430,8 @@ def train_loop(config: dict) -> dict:
         method, distribute(method, runtime), optimizer, data, study, runtime, steps_per_epoch, step
     )
     logger = TrialLogger(config.get("tracking"), runtime, study)
+    if method.uses_labels():
+        logger.tag("sslab.uses_labels", method.uses_labels())
     say(
         runtime,
         f"{study.method} on {data.describe()}; {train.epochs} epochs x {steps_per_epoch} steps, "
@@ -433,6 +467,8 @@ def train_loop(config: dict) -> dict:
             if saved:
                 save_checkpoint(checkpoint, method, optimizer, epoch, trainer.step)
             say(runtime, "epoch " + _format(metrics))
+            if is_last and runtime.is_main:
+                logger.log_outputs(method, study, data, checkpoint)
             runtime.report(latest_knn | metrics, epoch, is_last, checkpoint.parent if saved else None)
     except BaseException:
         # Under Ray the driver knows how the trial ended (stopped early by a scheduler: KILLED;
@@ -506,6 +542,25 @@ def train_step(
     return loss, metrics
 
 
+def progress_line(trainer: Trainer, epoch: int, steps_done: int, loss: float, seconds: float) -> str:
+    """ "epoch 3/30 step 10/19 loss 1.234 | 44 img/s | epoch 0:21 left, trial 47:02 left": the
+    time left at this epoch's pace (training steps only; evaluations add to it)."""
+    train, per_step = trainer.study.train, seconds / steps_done
+    trial_steps_left = trainer.steps_per_epoch * train.epochs - trainer.step
+    return (
+        f"epoch {epoch}/{train.epochs} step {steps_done}/{trainer.steps_per_epoch} loss {loss:.4f} | "
+        f"{steps_done * train.batch_size / max(seconds, 1e-9):.0f} img/s | "
+        f"epoch {_clock((trainer.steps_per_epoch - steps_done) * per_step)} left, "
+        f"trial {_clock(trial_steps_left * per_step)} left"
+    )
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 def run_epoch(trainer: Trainer, epoch: int) -> dict:
     """One pass over the training set: each rank takes its slice of every global batch."""
     train, runtime, data = trainer.study.train, trainer.runtime, trainer.data
@@ -532,11 +587,7 @@ def run_epoch(trainer: Trainer, epoch: int) -> dict:
             so_far = meter.means()  # one host sync per k steps, also the non-finite check
             if not math.isfinite(so_far["loss"]):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch} step {i + 1}")
-            say(
-                runtime,
-                f"epoch {epoch}/{train.epochs} step {i + 1}/{trainer.steps_per_epoch} "
-                f"loss {so_far['loss']:.4f}",
-            )
+            say(runtime, progress_line(trainer, epoch, i + 1, so_far["loss"], time.perf_counter() - started))
     seconds = time.perf_counter() - started
     metrics = meter.means()
     metrics.update(

@@ -15,6 +15,7 @@ TINY = {
     "backbone": {"name": "resnet18", "width": 0.125},
     "train": {"epochs": 2, "batch_size": 64, "lr": 0.1, "report_every_steps": 2},
     "eval": {"knn_k": 20},
+    "log_model": False,  # ~3 s per trial; tests/test_export.py logs and registers one
 }
 
 

@@ -34,7 +34,21 @@ def test_run_then_report_from_the_command_line(ray_cluster, tmp_path, tiny_raw, 
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_raw))
     common = ["--workdir", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")]
+    tiny_raw["description"] = "Does a tiny SimCLR learn?"
+    path.write_text(yaml.safe_dump(tiny_raw))
     assert main(["run", str(path), "--set", "train.epochs=1", *common]) == 0
+    out = capsys.readouterr().out
+    # The study says when each trial starts and ends, with the counts.
+    assert "study tiny: trial seed=0 started (0 done, 1 running, 0 pending of 1)" in out
+    assert "study tiny: trial seed=0 finished after" in out and "(1 done, 0 running, 0 pending of 1" in out
+    from sslab.platform.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    [parent] = tracker.client.search_runs(
+        [tracker.client.get_experiment_by_name("tiny").experiment_id], "tags.sslab.role = 'study'"
+    )
+    assert parent.data.tags["mlflow.note.content"] == "Does a tiny SimCLR learn?"
+    assert parent.data.tags["mlflow.source.git.commit"] == parent.data.tags["git_commit"]
     report = tmp_path / "reports" / "tiny" / "report.md"
     first = report.read_text()
     assert "random init" in first and "seed=0" in first

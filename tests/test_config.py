@@ -32,6 +32,16 @@ def test_quickstart_is_valid():
         ({"data": {"name": "cifar10", "root": "/no/such/folder"}}, "data.root"),
         ({"backbone": {"name": "resnet19"}}, "backbone.name"),
         ({"sweep": {"method_args.temperature": [0.1, -1]}}, "sweep.method_args.temperature"),
+        # A scheduler ranking on kNN that is not fresh at its rungs / perturbations.
+        ({"scheduler": {"name": "asha"}, "eval": {"knn_every": 0}}, "scheduler.grace_period"),
+        (
+            {"scheduler": {"name": "asha", "grace_period": 3}, "eval": {"knn_every": 2}},
+            "scheduler.grace_period",
+        ),
+        (
+            {"scheduler": {"name": "pbt", "mutations": {"train.lr": [0.1, 0.2]}}, "eval": {"knn_every": 0}},
+            "scheduler.perturbation_interval",
+        ),
     ],
 )
 def test_bad_study_exits_2_naming_file_and_key(tmp_path, tiny_raw, capsys, change, key):
@@ -144,3 +154,22 @@ def test_a_swept_data_seed_names_its_points_apart_from_the_trial_seed(tiny_raw):
         "data.seed=4,temperature=0.5,seed=0",
         "data.seed=4,temperature=0.5,seed=1",
     ]
+
+
+def test_an_unknown_key_suggests_the_closest_known_one(tiny_raw):
+    tiny_raw["method_args"] = {"temprature": 0.1}
+    with pytest.raises(ConfigError, match="did you mean 'temperature'"):
+        build_study(tiny_raw)
+    tiny_raw["method_args"] = {}
+    tiny_raw["train"]["epoks"] = 3
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        build_study(tiny_raw)
+
+
+def test_a_scheduler_on_a_fresh_knn_or_on_the_loss_is_accepted(tiny_raw):
+    tiny_raw["eval"] = {"knn_every": 2}
+    tiny_raw["scheduler"] = {"name": "asha", "grace_period": 4}
+    assert build_study(tiny_raw).scheduler.grace_period == 4
+    tiny_raw["eval"] = {"knn_every": 0}
+    tiny_raw["scheduler"] = {"name": "asha", "metric": "loss", "mode": "min"}
+    assert build_study(tiny_raw).scheduler.metric == "loss"

@@ -62,3 +62,56 @@ def test_probes_are_judged_through_training_with_the_budget_stated(tmp_path, tra
     assert "| 0.125 | 75 | inconclusive at this scale" in text
     assert "| 1 | 600 | reproduced" in text
     assert (out / "probes.png").exists()
+
+
+def test_collapse_flags_read_from_the_diagnostics():
+    """DINO Sec. 5.3 / Fig. 7: both collapses drive KL(teacher || student) to 0; the teacher's
+    entropy then tells them apart (log K: uniform, 0: one prototype). Others read z_std."""
+    import math
+
+    from sslab.platform.report import collapse_state
+
+    log_k = math.log(1024)
+    dino = {"method_args.out_dim": "1024"}
+    assert (
+        collapse_state({"teacher_entropy": 0.999 * log_k, "teacher_student_kl": 0.001}, dino)
+        == "collapsed (uniform)"
+    )
+    assert (
+        collapse_state({"teacher_entropy": 0.01, "teacher_student_kl": 0.002}, dino) == "collapsed (one-hot)"
+    )
+    assert collapse_state({"teacher_entropy": 0.999 * log_k, "teacher_student_kl": 0.3}, dino) == "learning"
+    assert collapse_state({"teacher_entropy": 0.6 * log_k, "teacher_student_kl": 0.001}, dino) == "learning"
+    assert collapse_state({"z_std": 1e-5}, {}) == "collapsed (constant)"
+    assert collapse_state({"z_std": 0.05}, {}) == "learning"
+    assert collapse_state({"loss": 1.0}, {}) == ""
+
+
+def test_report_flags_collapse_marks_label_use_links_to_the_server_and_is_logged_to_the_parent(
+    tmp_path, tracking_uri
+):
+    tracker = Tracker(tracking_uri)
+    experiment = tracker.experiment("flags", tmp_path / "artifacts")
+    parent = tracker.start_parent(experiment, "flags-1", {"sslab.role": "study"})
+    for trial, metrics, tags in [
+        ("method=dino", {"teacher_entropy": 6.93, "teacher_student_kl": 0.0001}, {}),
+        ("method=clip", {"z_std": 0.05}, {"sslab.uses_labels": "captions from the class labels"}),
+    ]:
+        run = tracker.client.create_run(
+            experiment, tags={"mlflow.parentRunId": parent, "sslab.trial": trial, **tags}
+        ).info.run_id
+        tracker.log_params(run, {"train.seed": 0, "method_args.out_dim": 1024})
+        tracker.log_metrics(run, {"knn_top1": 0.3, "random_init_knn_top1": 0.2, "loss": 1.0, **metrics}, 1)
+        tracker.log_metrics(run, {"student_knn_top1": 0.25}, 1)
+        tracker.end(run)
+    text = (build_report("flags", tracking_uri, tmp_path / "report") / "report.md").read_text()
+    assert "collapsed (uniform)" in text and "| method=clip (uses labels) |" in text
+    assert "captions from the class labels" in text
+    assert "(http://127.0.0.1:5000/#/experiments/" in text  # a local store: sslab ui's address
+    assert (tmp_path / "report" / "monitored_knn.png").exists()  # the student's curve beside the teacher's
+    logged = {a.path for a in tracker.client.list_artifacts(parent, "report")}
+    assert {"report/report.md", "report/report.html"} <= logged
+
+    from sslab.platform.report import ui_address
+
+    assert ui_address("https://mlflow.example.org/") == "https://mlflow.example.org"

@@ -24,6 +24,23 @@ def test_two_epochs_write_checkpoint_and_metrics(tmp_path, tiny_raw):
     assert 0 <= metrics["knn_top1"] <= 1 and metrics["loss"] > 0
 
 
+def test_step_lines_give_throughput_and_the_time_left(tmp_path, tiny_raw, capsys):
+    import re
+
+    train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
+    lines = [line for line in capsys.readouterr().out.splitlines() if " step " in line]
+    pattern = (
+        r"epoch (\d)/2 step (\d)/4 loss [\d.]+ \| \d+ img/s \| "
+        r"epoch (\d+):(\d\d) left, trial (\d+):(\d\d) left"
+    )
+    parsed = [re.search(pattern, line) for line in lines]
+    assert len(parsed) == 4 and all(parsed), lines  # every 2 of 4 steps, 2 epochs
+    last = parsed[-1].groups()
+    assert last[:2] == ("2", "4") and last[2:] == ("0", "00", "0", "00")  # nothing left at the end
+    first = parsed[0].groups()
+    assert int(first[4]) * 60 + int(first[5]) >= int(first[2]) * 60 + int(first[3])  # trial >= epoch
+
+
 def test_resume_continues_from_checkpoint(tmp_path, tiny_raw, capsys):
     train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
     tiny_raw["train"]["epochs"] = 3
