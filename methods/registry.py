@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sslab.methods.barlow_twins import BarlowTwins
 from sslab.methods.base import Method
 from sslab.methods.byol import BYOL
 from sslab.methods.clip import CLIP
@@ -11,10 +12,14 @@ from sslab.methods.dino import DINO
 from sslab.methods.jigsaw import Jigsaw
 from sslab.methods.mae import MAE
 from sslab.methods.moco import MoCoV1, MoCoV2
+from sslab.methods.moco_v3 import MoCoV3
 from sslab.methods.relative_patch import RelativePatch
 from sslab.methods.rotation import Rotation
 from sslab.methods.simclr import SimCLR
+from sslab.methods.simsiam import SimSiam
 from sslab.methods.split_brain import SplitBrain
+from sslab.methods.swav import SwAV
+from sslab.methods.vicreg import VICReg
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
@@ -22,9 +27,14 @@ METHODS: dict[str, type[Method]] = {
         SimCLR,
         MoCoV1,
         MoCoV2,
+        MoCoV3,
         BYOL,
+        SimSiam,
+        BarlowTwins,
+        VICReg,
+        SwAV,
         DINO,
-        CLIP,  # contrastive, self-distillation
+        CLIP,  # contrastive, non-contrastive, clustering, self-distillation
         Rotation,
         Jigsaw,
         RelativePatch,

@@ -215,6 +215,9 @@ def cmd_methods(args) -> int:
         for f in dataclasses.fields(cls.Args):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             print(f"    {f.name}: {getattr(f.type, '__name__', f.type)} = {default!r}")
+        if cls.small_image_args():
+            small = ", ".join(f"{k}={v!r}" for k, v in cls.small_image_args().items())
+            print(f"    images <= {cls.SMALL_IMAGE_SIZE} px default to: {small}")
         views = cls.views(cls.Args(), image_size=32)
         print(
             "    views (augment.views.<name>): "

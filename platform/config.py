@@ -478,7 +478,9 @@ def _check_views(study: StudyConfig, method_cls, source: str) -> None:
             AugmentOverrides, overrides or {}, source, f"augment.views.{name}"
         )
     for name, view in resolve_views(declared, study.augment).items():
-        if view.recipe.crop_scale_min > view.recipe.crop_scale_max:
+        if (
+            view.count and view.recipe.crop_scale_min > view.recipe.crop_scale_max
+        ):  # a view never drawn is moot
             raise ConfigError(
                 source,
                 "augment",

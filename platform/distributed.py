@@ -49,6 +49,14 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@torch.no_grad()
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The sum of `x` over ranks (in place where distributed), e.g. Sinkhorn's marginals."""
+    if is_distributed():
+        dist.all_reduce(x)
+    return x
+
+
 def global_index(local_size: int, device=None) -> torch.Tensor:
     """This rank's rows in a batch gathered from every rank (`gather_*` order)."""
     return torch.arange(local_size, device=device) + rank() * local_size

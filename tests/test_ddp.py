@@ -61,7 +61,9 @@ def test_every_method_trains_an_epoch_on_two_ddp_ranks(tmp_path):
 
 # ----------------------------------------------------------------------------- same loss, any split
 
-CONTRASTIVE = ["simclr", "clip"]  # negatives span the global batch: the loss must not depend on the split
+# Losses over the global batch (negatives, correlations, variances, Sinkhorn's marginals): the
+# loss and gradient must not depend on how the batch is split over ranks.
+CONTRASTIVE = ["simclr", "clip", "barlow_twins", "vicreg", "swav", "moco_v3", "simsiam"]
 
 
 def _deterministic_loss(name: str, images: torch.Tensor, index: torch.Tensor):
@@ -110,5 +112,7 @@ def test_contrastive_loss_on_two_ranks_equals_the_single_process_loss(tmp_path, 
     mp.spawn(_split_loss, args=(2, str(tmp_path / "store"), name, images, index, out), nprocs=2, join=True)
     assert ((out[0][0] + out[1][0]) / 2).item() == pytest.approx(reference.item(), rel=1e-5)
     # DDP averages the gradients: every rank holds the global batch's gradient
-    assert torch.allclose(out[0][1], reference_grads, atol=1e-5)
+    # (to float32 rounding at the gradients' own scale: Barlow Twins' reach hundreds)
+    scale = max(1.0, reference_grads.abs().max().item())
+    assert torch.allclose(out[0][1], reference_grads, rtol=1e-4, atol=1e-5 * scale)
     assert torch.allclose(out[0][1], out[1][1])
