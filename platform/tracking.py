@@ -156,7 +156,9 @@ class Tracker:
     def log_artifacts(self, run_id: str, folder: Path, artifact_path: str) -> None:
         self.client.log_artifacts(run_id, str(folder), artifact_path)
 
-    def log_encoder_model(self, run_id: str, module, example, register_as: str = "") -> str:
+    def log_encoder_model(
+        self, run_id: str, module, example, register_as: str = "", description: str = ""
+    ) -> str:
         """The encoder as an MLflow model in the run (`mlflow.pytorch.log_model`): a torch.export
         program (loads with torch alone, no pickled sslab classes), with its signature and an
         input example; registered under `register_as` when given. Returns the model URI."""
@@ -177,6 +179,11 @@ class Tracker:
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                 registered_model_name=register_as or None,
             )
+        version = getattr(info, "registered_model_version", None)
+        if register_as and version:  # the registry's page says what the model is and where from
+            self.client.update_model_version(register_as, version, description=description)
+            commit = self.client.get_run(run_id).data.tags.get("mlflow.source.git.commit", "unknown")
+            self.client.set_model_version_tag(register_as, version, "git_commit", commit)
         return info.model_uri
 
     def system_metrics(self, run_id: str):

@@ -333,7 +333,10 @@ class TrialLogger:
         module = copy.deepcopy(EncoderModule(method.encoder())).cpu().float().eval()
         example = data.test_images[:2].cpu().float() / 255  # RGB in [0, 1]
         try:
-            uri = self.tracker.log_encoder_model(self.run_id, module, example, study.register_model)
+            description = f"{study.method} encoder of study {study.name}: {study.description}".strip(": ")
+            uri = self.tracker.log_encoder_model(
+                self.run_id, module, example, study.register_model, description
+            )
         except Exception as err:  # the weights are safe in encoder/ and checkpoint/: warn, go on
             print(f"warning: MLflow model logging failed ({type(err).__name__}: {err})", file=sys.stderr)
             return

@@ -131,6 +131,8 @@ def test_a_trial_logs_its_encoder_checkpoint_and_model_and_export_and_eval_work_
     assert any(k.startswith("system/") for k in run.data.metrics)  # MLflow's system metrics
     versions = tracker.client.search_model_versions("name = 'tiny-encoder'")
     assert [v.run_id for v in versions] == [run_id]
+    assert "simclr encoder of study tiny" in versions[0].description
+    assert versions[0].tags["git_commit"] == run.data.tags.get("mlflow.source.git.commit", "unknown")
 
     shutil.rmtree(tmp_path / "trial")  # no local checkpoint any more
     out = tmp_path / "export"
