@@ -75,6 +75,11 @@ class Method(nn.Module):
         return cls.small_image_args() if image_size <= cls.SMALL_IMAGE_SIZE else {}
 
     @classmethod
+    def check_args(cls, args, image_size: int) -> str | None:
+        """A problem with these arguments at this image size (checked at validation), or None."""
+        return None
+
+    @classmethod
     def augment_recipe(cls, args) -> AugmentRecipe:
         """The method's own augmentation; a study's `augment:` section overrides fields of it."""
         return AugmentRecipe()

@@ -8,6 +8,7 @@ from sslab.methods.byol import BYOL
 from sslab.methods.clip import CLIP
 from sslab.methods.colorization import Colorization
 from sslab.methods.context_encoder import ContextEncoder
+from sslab.methods.cpc import CPC
 from sslab.methods.dino import DINO
 from sslab.methods.jigsaw import Jigsaw
 from sslab.methods.mae import MAE
@@ -33,6 +34,7 @@ METHODS: dict[str, type[Method]] = {
         BarlowTwins,
         VICReg,
         SwAV,
+        CPC,
         DINO,
         CLIP,  # contrastive, non-contrastive, clustering, self-distillation
         Rotation,

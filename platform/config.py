@@ -433,6 +433,9 @@ def build_study(raw: dict, source: str = "<config>") -> StudyConfig:
     study.method_args = dataclasses.asdict(
         from_dict(method_cls.Args, method_args, source, prefix="method_args")
     )
+    problem = method_cls.check_args(method_cls.Args(**study.method_args), study.data.image_size)
+    if problem:
+        raise ConfigError(source, "method_args", problem)
     if method_cls.backbones and study.backbone.name not in method_cls.backbones:
         raise ConfigError(
             source,
