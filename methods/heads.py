@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+import torch
 from torch import nn
+
+from sslab.methods.base import Method, MethodContext
 
 
 def projection_head(
@@ -30,3 +33,24 @@ def projection_head(
         dim = hidden_dim
     layers.append(nn.Linear(dim, out_dim))
     return nn.Sequential(*layers)
+
+
+class TwoProjectedViews(Method):
+    """Two augmented views of each image through the backbone and a wide MLP projector
+    (`proj_hidden_dim`, `proj_dim`, `proj_layers` in the Args): Barlow Twins and VICReg differ
+    only in the loss they put on the two embeddings."""
+
+    @classmethod
+    def small_image_args(cls) -> dict:
+        return {"proj_hidden_dim": 2048, "proj_dim": 2048}  # solo-learn's CIFAR projector (8192 on ImageNet)
+
+    def __init__(self, args, ctx: MethodContext):
+        super().__init__(args, ctx)
+        self.projector = projection_head(
+            "mlp", ctx.feature_dim, args.proj_hidden_dim, args.proj_dim, depth=args.proj_layers
+        )
+
+    def projected_views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v1, v2 = self.augment(images), self.augment(images)
+        z1, z2 = self.projector(self.backbone(torch.cat([v1, v2]))).chunk(2)
+        return z1, z2
