@@ -481,9 +481,8 @@ def _check_views(study: StudyConfig, method_cls, source: str) -> None:
             AugmentOverrides, overrides or {}, source, f"augment.views.{name}"
         )
     for name, view in resolve_views(declared, study.augment).items():
-        if (
-            view.count and view.recipe.crop_scale_min > view.recipe.crop_scale_max
-        ):  # a view never drawn is moot
+        # (a view drawn zero times, such as DINO's local crops at 32 px, is never built)
+        if view.count and view.recipe.crop_scale_min > view.recipe.crop_scale_max:
             raise ConfigError(
                 source,
                 "augment",

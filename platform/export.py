@@ -4,8 +4,8 @@ An export folder holds:
 - `encoder.pt`: the encoder's weights as a plain state_dict, in the key layout of the architecture
   it is: torchvision's ResNet names for sslab's ResNets, timm's VisionTransformer names for its
   ViTs, sslab's own otherwise (a SimCLR `z` head, colorization's L-channel network);
-- `encoder.json`: the backbone config, feature dimension, image size, the normalisation mean/std
-  it was trained with (of RGB in [0, 1]) and the lines that load it;
+- `encoder.json`: the architecture, backbone config, feature dimension, image size and the
+  normalisation mean/std it was trained with (of RGB in [0, 1]);
 - `load.py` (a copy of `export_loader.py`): `load(folder)`, with torch and torchvision/timm only,
   for any width multiplier (torchvision has constructors for width 1 alone).
 The trial writes this at its end and logs it to its MLflow run (`encoder/`), so `sslab export`

@@ -37,7 +37,7 @@ from sslab.platform.tracking import (
     git_commit,
     require_store,
 )
-from sslab.platform.train import CHECKPOINT_NAME, train_loop, trial_config
+from sslab.platform.train import CHECKPOINT_NAME, clock, train_loop, trial_config
 from sslab.platform.workdir import atomic_write_json, check_writable, inside, locked, safe_dirname
 
 SEED_KEY = "train.seed"
@@ -782,7 +782,7 @@ def study_progress(study: StudyConfig, total: int):
 
         def _ended(self, trial, what):
             self.durations.append(time.time() - self.started.pop(trial.trial_id, time.time()))
-            self._say(trial, f"{what} after {_clock(self.durations[-1])}")
+            self._say(trial, f"{what} after {clock(self.durations[-1])}")
 
         def _say(self, trial, what):
             done, running = len(self.durations), len(self.started)
@@ -790,7 +790,7 @@ def study_progress(study: StudyConfig, total: int):
             eta = ""
             if self.durations:  # at the pace of the trials ended so far
                 left = (pending + running / 2) * statistics.mean(self.durations) / study.max_concurrent_trials
-                eta = f"; about {_clock(left)} left"
+                eta = f"; about {clock(left)} left"
             name = trial.config.get("trial") or trial.trial_id
             print(
                 f"study {study.name}: trial {name} {what} ({done} done, {running} running, "
@@ -803,12 +803,6 @@ def study_progress(study: StudyConfig, total: int):
 
 def _ran_to_the_end(trial, study: StudyConfig) -> bool:
     return (trial.last_result or {}).get("epoch", 0) >= study.train.epochs
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _tune_trial_name(trial) -> str:

@@ -333,7 +333,9 @@ class TrialLogger:
         module = copy.deepcopy(EncoderModule(method.encoder())).cpu().float().eval()
         example = data.test_images[:2].cpu().float() / 255  # RGB in [0, 1]
         try:
-            description = f"{study.method} encoder of study {study.name}: {study.description}".strip(": ")
+            description = f"{study.method} encoder of study {study.name}" + (
+                f": {study.description}" if study.description else ""
+            )
             uri = self.tracker.log_encoder_model(
                 self.run_id, module, example, study.register_model, description
             )
@@ -549,16 +551,17 @@ def progress_line(trainer: Trainer, epoch: int, steps_done: int, loss: float, se
     """ "epoch 3/30 step 10/19 loss 1.234 | 44 img/s | epoch 0:21 left, trial 47:02 left": the
     time left at this epoch's pace (training steps only; evaluations add to it)."""
     train, per_step = trainer.study.train, seconds / steps_done
-    trial_steps_left = trainer.steps_per_epoch * train.epochs - trainer.step
+    trial_steps_left = trainer.total_steps - trainer.step
     return (
         f"epoch {epoch}/{train.epochs} step {steps_done}/{trainer.steps_per_epoch} loss {loss:.4f} | "
         f"{steps_done * train.batch_size / max(seconds, 1e-9):.0f} img/s | "
-        f"epoch {_clock((trainer.steps_per_epoch - steps_done) * per_step)} left, "
-        f"trial {_clock(trial_steps_left * per_step)} left"
+        f"epoch {clock((trainer.steps_per_epoch - steps_done) * per_step)} left, "
+        f"trial {clock(trial_steps_left * per_step)} left"
     )
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """12:05 or 1:02:05 (h:mm:ss)."""
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
