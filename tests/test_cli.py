@@ -86,3 +86,27 @@ def test_git_commit_says_when_the_tree_differs_from_it(tmp_path):
     assert git_commit(tmp_path) == clean
     (tmp_path / "a.txt").write_text("2")
     assert git_commit(tmp_path) == clean + "-dirty"
+
+
+def test_run_register_names_the_model_of_every_trial(tmp_path, tiny_raw, monkeypatch):
+    seen = {}
+
+    def fake_run_study(study, *args, **kwargs):
+        seen["register_model"] = study.register_model
+        return {"status": "FINISHED", "tracking_uri": "", "parent_run_id": ""}
+
+    monkeypatch.setattr("sslab.platform.study.run_study", fake_run_study)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw))
+    assert main(["run", str(path), "--register", "tiny-encoder", "--no-report"]) == 0
+    assert seen["register_model"] == "tiny-encoder"
+    assert main(["run", str(path), "--register", "no/slashes", "--no-report"]) == 2
+
+
+def test_methods_lists_the_small_image_defaults(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    dino = out.split("\ndino:")[1].split("\njigsaw:")[0]  # methods are listed by name
+    assert "images <= 64 px default to: local_crops=0" in dino
+    for name in ("simsiam", "barlow_twins", "vicreg", "swav", "moco_v3", "cpc"):
+        assert f"\n{name}:" in out
