@@ -211,7 +211,8 @@ def cmd_methods(args) -> int:
     from sslab.methods.registry import METHODS
 
     for name, cls in sorted(METHODS.items()):
-        print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # its first paragraph
+        print(f"{name}: {summary}")
         for f in dataclasses.fields(cls.Args):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             print(f"    {f.name}: {getattr(f.type, '__name__', f.type)} = {default!r}")
