@@ -46,6 +46,9 @@ class MethodContext:
 class Method(nn.Module):
     name: ClassVar[str]
     Args: ClassVar[type]
+    # True for a method that pairs each training image with its label or caption (CLIP): it
+    # cannot pretrain on an unlabelled folder (`data.pretrain`). Checked by `sslab validate`.
+    pairs_images_with_labels: ClassVar[bool] = False
     # Backbones the method works with (MAE: ViTs only); empty: any. Checked by `sslab validate`.
     backbones: ClassVar[tuple[str, ...]] = ()
 

@@ -108,6 +108,7 @@ class CLIP(Method):
 
     name = "clip"
     Args = CLIPArgs
+    pairs_images_with_labels = True  # captions per training image, or built from its label
 
     def __init__(self, args: CLIPArgs, ctx: MethodContext):
         super().__init__(args, ctx)

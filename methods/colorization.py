@@ -144,7 +144,7 @@ class Colorization(Method):
         self.head = dense_head(ctx.feature_dim, len(self.bins))  # last map's channels = pooled dim
         weights = torch.ones(len(self.bins))
         if args.rebalance and ctx.dataset is not None:
-            probability = empirical_bin_probability(ctx.dataset.train_images, self.bins)
+            probability = empirical_bin_probability(ctx.dataset.ssl_images, self.bins)
             weights = rebalancing_weights(probability.cpu(), self.bins.cpu(), args.rebalance_mix)
         self.register_buffer("bin_weights", weights)
         self.target_size = ctx.image_size // args.output_stride

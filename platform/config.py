@@ -62,6 +62,11 @@ class DataConfig:
     train_size: int = check(default=5000, gt=0)  # synthetic only
     test_size: int = check(default=1000, gt=0)  # synthetic only
     seed: int = 0  # synthetic generation / subsets
+    # Pretraining images without labels: a folder read recursively (any common image format), or
+    # "stl10:train+unlabeled" (STL-10's 105,000 images, torchvision's, under data.root). The
+    # labelled sets above then serve evaluation only (kNN, probes, fine-tuning).
+    pretrain: Optional[str] = None
+    pretrain_subset: Optional[int] = check(default=None, gt=0)  # pretraining images kept
 
 
 @dataclass
@@ -433,6 +438,13 @@ def build_study(raw: dict, source: str = "<config>") -> StudyConfig:
     study.method_args = dataclasses.asdict(
         from_dict(method_cls.Args, method_args, source, prefix="method_args")
     )
+    if study.data.pretrain is not None and method_cls.pairs_images_with_labels:
+        raise ConfigError(
+            source,
+            "data.pretrain",
+            f"method {study.method!r} pairs each training image with its caption or label; "
+            "unlabelled pretraining images have neither",
+        )
     problem = method_cls.check_args(method_cls.Args(**study.method_args), study.data.image_size)
     if problem:
         raise ConfigError(source, "method_args", problem)
@@ -520,6 +532,7 @@ def _check_unique(values: list, key: str, source: str) -> None:
 
 
 def _check_data(data: DataConfig, source: str) -> None:
+    _check_pretrain(data, source)
     if data.name == "synthetic":
         return
     if data.root is None:
@@ -537,6 +550,24 @@ def _check_data(data: DataConfig, source: str) -> None:
             raise ConfigError(source, "data.root", str(err)) from None
     elif not data.download and not root.is_dir():
         raise ConfigError(source, "data.root", f"{root} does not exist (set data.download: true to fetch it)")
+
+
+def _check_pretrain(data: DataConfig, source: str) -> None:
+    from sslab.platform.data import STL10_UNLABELED, DataError, scan_unlabelled_folder
+
+    if data.pretrain is None:
+        return
+    if data.pretrain == STL10_UNLABELED:
+        if data.name != "stl10":
+            raise ConfigError(source, "data.pretrain", f"{STL10_UNLABELED} needs data.name: stl10 (its root)")
+        return
+    folder = Path(data.pretrain).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(source, "data.pretrain", f"{folder} is not a directory")
+    try:
+        scan_unlabelled_folder(folder.resolve())
+    except (DataError, OSError) as err:
+        raise ConfigError(source, "data.pretrain", str(err)) from None
 
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice")
@@ -741,8 +772,9 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[StudyConfig
             set_dotted(raw, key, value)
     if "name" not in raw:
         raw["name"] = Path(path).stem
-    root = (raw.get("data") or {}).get("root")
-    if isinstance(root, str) and root and not Path(root).expanduser().is_absolute():
-        # Trials run in other folders (Ray moves them): a root given relative to here is made absolute.
-        raw["data"]["root"] = str(Path(root).expanduser().resolve())
+    for key in ("root", "pretrain"):
+        path = (raw.get("data") or {}).get(key)
+        if isinstance(path, str) and path and ":" not in path and not Path(path).expanduser().is_absolute():
+            # Trials run in other folders (Ray moves them): a path relative to here is made absolute.
+            raw["data"][key] = str(Path(path).expanduser().resolve())
     return build_study(raw, source), raw

@@ -29,14 +29,25 @@ class Dataset:
     train_captions: list[str] | None = None  # one per image, where the data has them
     test_captions: list[str] | None = None
     class_prompts: list[list[str]] | None = None  # per class, captions that describe it (zero-shot)
+    # Unlabelled images pretraining draws from instead of train_images (`data.pretrain`); the
+    # labelled splits then serve evaluation only.
+    pretrain_images: torch.Tensor | None = None
 
     @property
     def image_size(self) -> int:
         return self.train_images.shape[-1]
 
+    @property
+    def ssl_images(self) -> torch.Tensor:
+        """What self-supervised training draws its batches from."""
+        return self.train_images if self.pretrain_images is None else self.pretrain_images
+
     def describe(self) -> str:
+        pretrain = (
+            "" if self.pretrain_images is None else f"pretraining on {len(self.pretrain_images)} unlabelled, "
+        )
         return (
-            f"{self.name}: {len(self.train_images)} train / {len(self.test_images)} test, "
+            f"{self.name}: {pretrain}{len(self.train_images)} train / {len(self.test_images)} test, "
             f"{len(self.classes)} classes, {self.image_size}px"
         )
 
@@ -66,6 +77,8 @@ def _load(cfg: DataConfig) -> Dataset:
     data.test_images, data.test_labels, data.test_captions = _subset(
         data.test_images, data.test_labels, data.test_captions, cfg.test_subset, cfg.seed
     )
+    if cfg.pretrain is not None:
+        data.pretrain_images = load_pretrain_images(cfg)
     return data
 
 
@@ -162,9 +175,56 @@ def _list_split(split_dir: Path, classes: tuple[str, ...], required: bool) -> tu
     return tuple(items)
 
 
+STL10_UNLABELED = "stl10:train+unlabeled"
+
+
+@functools.lru_cache(maxsize=8)
+def scan_unlabelled_folder(root: Path) -> tuple[Path, ...]:
+    """Every image file below `root` (recursively), sorted; an empty folder or file is an error."""
+    files = tuple(
+        sorted(f for f in Path(root).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    )
+    if not files:
+        raise DataError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}, in any subfolder)")
+    for f in files:
+        if f.stat().st_size == 0:
+            raise DataError(f"{f} is an empty file")
+    return files
+
+
+def load_pretrain_images(cfg: DataConfig) -> torch.Tensor:
+    """The unlabelled pretraining images `data.pretrain` names, uint8 at the study's size."""
+    if cfg.pretrain == STL10_UNLABELED:
+        import torchvision.datasets as tvd
+
+        images = torch.from_numpy(tvd.STL10(str(Path(cfg.root).expanduser()), split="train+unlabeled").data)
+        keep = _subset_indices(len(images), cfg.pretrain_subset, cfg.seed) if cfg.pretrain_subset else None
+        images = images if keep is None else images[keep]
+        return images if images.shape[-1] == cfg.image_size else _resize(images, cfg.image_size)
+    root = Path(cfg.pretrain).expanduser().resolve()
+    items = tuple((f, -1) for f in scan_unlabelled_folder(root))
+    return _decode_split(root, items, cfg.image_size, cfg.pretrain_subset, cfg.seed)[0]
+
+
+def _resize(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    return torch.cat([_resized(images[i : i + chunk], size) for i in range(0, len(images), chunk)])
+
+
+def _resized(images: torch.Tensor, size: int) -> torch.Tensor:
+    resized = F.interpolate(
+        images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
+    return resized.round().clamp(0, 255).byte()
+
+
 def train_set_size(cfg: DataConfig) -> int | None:
     """How many images a training epoch draws from (after `subset`); None where unknown
     before loading (a torchvision dataset of unknown size)."""
+    if cfg.pretrain is not None and cfg.pretrain != STL10_UNLABELED:
+        total = len(scan_unlabelled_folder(Path(cfg.pretrain).expanduser().resolve()))
+        return min(total, cfg.pretrain_subset or total)
+    if cfg.pretrain == STL10_UNLABELED:
+        return min(105_000, cfg.pretrain_subset or 105_000)
     if cfg.name == "synthetic":
         total = cfg.train_size
     elif cfg.name == "imagefolder":
@@ -211,16 +271,7 @@ def _read_image(path: Path, size: int) -> torch.Tensor:
         image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     except RuntimeError as err:  # torchvision's messages end with the reason after the last comma
         raise DataError(f"{path}: cannot decode ({str(err).rsplit(',', 1)[-1].strip()})") from None
-    if image.shape[-2:] != (size, size):
-        image = (
-            F.interpolate(
-                image[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
-            )[0]
-            .round()
-            .clamp(0, 255)
-            .byte()
-        )
-    return image
+    return image if image.shape[-2:] == (size, size) else _resized(image[None], size)[0]
 
 
 def synthetic_dataset(cfg: DataConfig) -> Dataset:

@@ -325,13 +325,14 @@ def decode_image_folders(studies: list[StudyConfig], source: str) -> None:
     for trial_study in studies:
         data = trial_study.data
         key = json.dumps(dataclasses.asdict(data), sort_keys=True)
-        if data.name != "imagefolder" or key in seen:
+        if (data.name != "imagefolder" and data.pretrain is None) or key in seen:
             continue
         seen.add(key)
         try:
             load_dataset(data)
         except DataError as err:
-            raise ConfigError(source, "data.root", str(err)) from None
+            key = "data.pretrain" if data.pretrain and str(data.pretrain) in str(err) else "data.root"
+            raise ConfigError(source, key, str(err)) from None
 
 
 def local_cluster_resources() -> tuple[float, float]:

@@ -136,7 +136,7 @@ def build_method(
     method_cls = get_method_class(study.method)
     args = method_cls.Args(**study.method_args)
     backbone, feature_dim = build_backbone(study.backbone, data.image_size)
-    mean, std = channel_stats(data.train_images)
+    mean, std = channel_stats(data.ssl_images)  # of what training sees
     normalize = Normalize(mean, std, channels_last=study.train.channels_last)
     views = build_views(method_cls.views(args, data.image_size), study.augment, data.image_size, normalize)
     ctx = MethodContext(
@@ -409,10 +409,12 @@ def train_loop(config: dict) -> dict:
     data = load_dataset(study.data)
     if runtime.device.type == "cuda":
         data.train_images = data.train_images.to(runtime.device)  # uint8 on the GPU: 150 MB for CIFAR
-    steps_per_epoch = len(data.train_images) // train.batch_size
+        if data.pretrain_images is not None:
+            data.pretrain_images = data.pretrain_images.to(runtime.device)
+    steps_per_epoch = len(data.ssl_images) // train.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
-            f"train.batch_size={train.batch_size} exceeds the {len(data.train_images)} training images"
+            f"train.batch_size={train.batch_size} exceeds the {len(data.ssl_images)} training images"
         )
 
     torch.manual_seed(train.seed)  # same initial weights on every rank
@@ -574,7 +576,8 @@ def run_epoch(trainer: Trainer, epoch: int) -> dict:
     # Same permutation on every rank (seeded by seed and epoch); each rank takes its slice.
     generator = torch.Generator().manual_seed(train.seed * 100_003 + epoch)
     # On the data's device once per epoch: no host-to-device copy of indices per step.
-    order = torch.randperm(len(data.train_images), generator=generator).to(data.train_images.device)
+    images_of = data.ssl_images  # the pretraining folder's, or the labelled training split
+    order = torch.randperm(len(images_of), generator=generator).to(images_of.device)
     torch.manual_seed(train.seed * 1_000_003 + epoch * 1009 + runtime.rank)  # augmentation draws
     meter, started = EpochMeter(), time.perf_counter()
     for i in range(trainer.steps_per_epoch):
@@ -583,7 +586,7 @@ def run_epoch(trainer: Trainer, epoch: int) -> dict:
             group["lr"] = lr
         begin = i * train.batch_size + runtime.rank * trainer.local_batch
         index = order[begin : begin + trainer.local_batch]
-        images = data.train_images[index].to(runtime.device, non_blocking=True)
+        images = images_of[index].to(runtime.device, non_blocking=True)
         loss, step_metrics = train_step(
             trainer.model, trainer.method, trainer.optimizer, images, trainer.step, index, train.amp
         )
