@@ -159,3 +159,26 @@ def runpy_load(folder):
     import runpy
 
     return runpy.run_path(str(folder / "load.py"))["load"](folder)
+
+
+def test_export_of_a_run_without_encoder_artifacts_rebuilds_it_from_the_checkpoint(
+    tmp_path, tiny_raw, tracking_uri, capsys
+):
+    """Runs logged before trials wrote `encoder/` export from their checkpoint instead."""
+    import shutil
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    from test_train import train_tracked
+
+    from sslab.platform.cli import main
+
+    tiny_raw["train"]["epochs"] = 1
+    tracker, run_id = train_tracked(tmp_path, tiny_raw, tracking_uri)
+    artifacts = Path(urlparse(tracker.client.get_run(run_id).info.artifact_uri).path)
+    shutil.rmtree(artifacts / "encoder")  # as an older run: no export logged
+    out = tmp_path / "export"
+    assert main(["export", run_id, "--out", str(out), "--tracking-uri", tracking_uri]) == 0
+    info = json.loads((out / "encoder.json").read_text())
+    assert info["architecture"] == "torchvision.models.resnet18" and info["run_id"] == run_id
+    assert runpy_load(out) is not None
