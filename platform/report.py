@@ -159,23 +159,29 @@ def _plot_curves(curves: pd.DataFrame, metric: str, ylabel: str) -> str | None:
     return _png(fig)
 
 
-def _plot_monitored(curves: pd.DataFrame) -> str | None:
+def _plot_monitored(curves: pd.DataFrame, trials: pd.DataFrame) -> str | None:
     """kNN per epoch of every network a trial follows: the evaluated one (solid) beside the
-    others (dashed: DINO's student, BYOL's target), so a reader sees which learns when."""
+    others (dashed: DINO's student, BYOL's target), so a reader sees which learns when; epoch 0
+    is the same backbone at random initialisation."""
     if curves.empty or not curves["metric"].map(_is_monitored_knn).any():
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     followed = curves[curves["metric"].map(_is_monitored_knn)]["trial"].unique()
-    for trial in followed:
-        mine = curves[curves["trial"] == trial]
-        for metric, group in mine[
-            mine["metric"].map(lambda k: k == "knn_top1" or _is_monitored_knn(k))
-        ].groupby("metric"):
+    for colour, trial in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, followed):
+        mine = curves[
+            (curves["trial"] == trial)
+            & curves["metric"].map(lambda k: k == "knn_top1" or _is_monitored_knn(k))
+        ]
+        start = trials[trials["trial"] == trial].iloc[0]
+        for metric, group in mine.groupby("metric"):
             group = group.sort_values("epoch").drop_duplicates("epoch", keep="last")
+            epochs, values = list(group["epoch"]), list(group["value"])
+            if 0 not in epochs and pd.notna(start.get(f"random_init_{metric}")):
+                epochs, values = [0, *epochs], [start[f"random_init_{metric}"], *values]
             network = "evaluated" if metric == "knn_top1" else metric.removesuffix("_knn_top1")
             style = "-" if metric == "knn_top1" else "--"
-            ax.plot(group["epoch"], group["value"], style, marker="o", ms=3, label=f"{trial} ({network})")
+            ax.plot(epochs, values, style, color=colour, marker="o", ms=3, label=f"{trial} ({network})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("kNN top-1 (epoch 0 = random init)")
     ax.grid(alpha=0.3)
@@ -297,7 +303,7 @@ def build_report(study: str, tracking_uri: str, out_dir: Path, parent_run_id: st
         "probes.png": _plot_probes(probes, metric),
         "loss.png": _plot_curves(curves, "loss", "training loss"),
         "knn_top1.png": _plot_curves(curves, "knn_top1", "kNN top-1 (epoch 0 = random init)"),
-        "monitored_knn.png": _plot_monitored(curves),
+        "monitored_knn.png": _plot_monitored(curves, trials),
     }
     for name, png in plots.items():
         if png:
@@ -349,7 +355,7 @@ def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str, p
     """The report's content as plain data, rendered to markdown and HTML alike."""
     data, backbone, train = config.get("data", {}), config.get("backbone", {}), config.get("train", {})
     setup = [
-        ("method", f"{config.get('method', '?')} {json.dumps(config.get('method_args', {}))}"),
+        ("method", _method_line(config)),
         (
             "data",
             f"{data.get('name')} ({data.get('subset') or 'all'} train / {data.get('test_subset') or 'all'} "
@@ -427,6 +433,16 @@ def _labels_note(trials: pd.DataFrame) -> str:
     return (
         f"Trials marked (uses labels) trained with label information, so they are not self-supervised: {how}."
     )
+
+
+def _method_line(config: dict) -> str:
+    """The method and its arguments, or, where the sweep sets the method, that it varies by point
+    (one trial's arguments would misdescribe the others; each trial's are in its MLflow params)."""
+    sweep = config.get("sweep") or {}
+    varies = "method" in sweep or any("method" in point for point in sweep.get("points", []))
+    if varies:
+        return "set by each sweep point (its arguments in the trial's MLflow params)"
+    return f"{config.get('method', '?')} {json.dumps(config.get('method_args', {}))}"
 
 
 def _paper_section(paper: dict, trials: pd.DataFrame, probes: pd.DataFrame | None = None) -> dict | None:
