@@ -217,6 +217,8 @@ def test_views_are_declared_and_every_study_override_reaches_them(tiny_raw):
 def test_view_overrides_are_validated(tiny_raw, augment, key):
     from sslab.platform.config import ConfigError
 
-    tiny_raw.update(method="dino", augment=augment)
+    # local crops drawn (at 16 px the small-image default draws none, and a view never drawn
+    # is not range-checked)
+    tiny_raw.update(method="dino", augment=augment, method_args={"local_crops": 2})
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         build_study(tiny_raw)
