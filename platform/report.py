@@ -179,6 +179,9 @@ def _plot_monitored(curves: pd.DataFrame, trials: pd.DataFrame) -> str | None:
             epochs, values = list(group["epoch"]), list(group["value"])
             if 0 not in epochs and pd.notna(start.get(f"random_init_{metric}")):
                 epochs, values = [0, *epochs], [start[f"random_init_{metric}"], *values]
+            last = start.get("epoch")  # runs before the monitor's keys were logged at the end
+            if pd.notna(start.get(f"eval/{metric}")) and pd.notna(last) and last not in epochs:
+                epochs, values = [*epochs, last], [*values, start[f"eval/{metric}"]]
             network = "evaluated" if metric == "knn_top1" else metric.removesuffix("_knn_top1")
             style = "-" if metric == "knn_top1" else "--"
             ax.plot(epochs, values, style, color=colour, marker="o", ms=3, label=f"{trial} ({network})")

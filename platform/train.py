@@ -497,7 +497,8 @@ def epoch_evaluation(trainer: Trainer, logger: TrialLogger, epoch: int, is_last:
             logger.log_artifact_once(subsets, "eval/label_subsets.json")
             with eval_mode(method):
                 logger.log_images(method.artifacts(data))
-        return probe | {"knn_top1": probe["eval/knn_top1"], "knn_top5": probe["eval/knn_top5"]}
+        # the monitor's keys too (knn_top1, student_knn_top1, ...): its curves run to the end
+        return probe | {k.removeprefix("eval/"): v for k, v in probe.items() if "knn_top" in k}
     if study.eval.knn_every and epoch % study.eval.knn_every == 0:
         return knn_eval(method, data, study, runtime)
     return {}

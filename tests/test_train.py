@@ -195,3 +195,13 @@ def test_sample_images_are_logged_at_the_end(tmp_path, tiny_raw, tracking_uri):
     tiny_raw["train"]["epochs"] = 1
     tracker, run_id = train_tracked(tmp_path, tiny_raw, tracking_uri)
     assert "samples/inpainting.png" in [a.path for a in tracker.client.list_artifacts(run_id, "samples")]
+
+
+def test_the_monitor_follows_every_network_to_the_last_epoch(tmp_path, tiny_raw, tracking_uri):
+    """DINO's student is scored beside its teacher from the random init to the end."""
+    tiny_raw.update(method="dino", method_args={"out_dim": 32})
+    tiny_raw["eval"] = {"knn_k": 20, "knn_every": 1, "protocols": ["knn"]}
+    tracker, run_id = train_tracked(tmp_path, tiny_raw, tracking_uri)
+    steps = [m.step for m in tracker.client.get_metric_history(run_id, "student_knn_top1")]
+    assert sorted(steps) == [1, 2]  # every epoch, the last one's from the final evaluation
+    assert "random_init_student_knn_top1" in tracker.client.get_run(run_id).data.metrics
