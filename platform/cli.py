@@ -83,7 +83,6 @@ def cmd_report(args) -> int:
 
 def cmd_eval(args) -> int:
     """Evaluates an MLflow run's checkpoint and logs eval/... metrics to that run."""
-    import json
 
     import torch
 
@@ -92,8 +91,7 @@ def cmd_eval(args) -> int:
     from sslab.platform.train import evaluate_checkpoint
 
     tracker, run = _tracked_run(args)
-    raw = json.loads(Path(tracker.client.download_artifacts(args.run, "config.json")).read_text())
-    raw["sweep"] = {}
+    raw = trial_config_of(tracker, args.run)
     if args.protocol:
         raw["eval"]["protocols"] = args.protocol
     if args.label_fraction:
@@ -131,6 +129,15 @@ def _tracked_run(args):
         return tracker, tracker.client.get_run(args.run)
     except Exception:
         raise ConfigError(uri, "RUN", f"no MLflow run {args.run!r}") from None
+
+
+def trial_config_of(tracker, run_id: str) -> dict:
+    """The resolved study a trial ran (its `config.json`), as one trial: no sweep."""
+    import json
+
+    raw = json.loads(Path(tracker.client.download_artifacts(run_id, "config.json")).read_text())
+    raw["sweep"] = {}
+    return raw
 
 
 def run_checkpoint(tracker, run) -> Path:
@@ -187,7 +194,6 @@ def cmd_export(args) -> int:
 
 def _export_from_checkpoint(tracker, run, folder: Path) -> Path:
     """Runs from before trials logged `encoder/`: rebuild the method and export its checkpoint."""
-    import json
 
     import torch
 
@@ -196,11 +202,7 @@ def _export_from_checkpoint(tracker, run, folder: Path) -> Path:
     from sslab.platform.export import write_export
     from sslab.platform.train import build_method, load_checkpoint
 
-    raw = json.loads(
-        Path(tracker.client.download_artifacts(run.info.run_id, "config.json", str(folder))).read_text()
-    )
-    raw["sweep"] = {}
-    study = build_study(raw, source=f"run {run.info.run_id}")
+    study = build_study(trial_config_of(tracker, run.info.run_id), source=f"run {run.info.run_id}")
     method = build_method(study, load_dataset(study.data), torch.device("cpu"), total_steps=1)
     load_checkpoint(run_checkpoint(tracker, run), method, None, torch.device("cpu"))
     write_export(method.eval(), study, folder / "encoder", run_id=run.info.run_id)
