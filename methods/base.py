@@ -51,6 +51,8 @@ class Method(nn.Module):
     pairs_images_with_labels: ClassVar[bool] = False
     # Backbones the method works with (MAE: ViTs only); empty: any. Checked by `sslab validate`.
     backbones: ClassVar[tuple[str, ...]] = ()
+    # "images": batches of uint8 [N, 3, H, W]; "video": clips [N, T, 3, H, W] (a video dataset).
+    data_kind: ClassVar[str] = "images"
 
     def __init__(self, args, ctx: MethodContext):
         super().__init__()
@@ -80,6 +82,11 @@ class Method(nn.Module):
     @classmethod
     def check_args(cls, args, image_size: int) -> str | None:
         """A problem with these arguments at this image size (checked at validation), or None."""
+        return None
+
+    @classmethod
+    def check_clip_length(cls, args, clip_length: int) -> str | None:
+        """A video method's problem with clips of this many frames (validation), or None."""
         return None
 
     @classmethod
@@ -136,6 +143,15 @@ class Method(nn.Module):
         """Other networks the kNN monitor also scores, by name (DINO's student beside its
         teacher): logged as `<name>_knn_top1`. Evaluation proper measures `encoder()` only."""
         return {}
+
+    @torch.no_grad()
+    def dense_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-location features [N, D, h, w] of un-augmented uint8 frames: what mask propagation
+        matches between frames. By default the backbone's last feature map."""
+        from sslab.platform.backbones import spatial_features
+
+        encoder = self.encoder()
+        return spatial_features(encoder.module, encoder.transform(images))
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from sslab.methods.simsiam import SimSiam
 from sslab.methods.split_brain import SplitBrain
 from sslab.methods.swav import SwAV
 from sslab.methods.vicreg import VICReg
+from sslab.methods.video_colorization import VideoColorization
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
@@ -43,9 +44,10 @@ METHODS: dict[str, type[Method]] = {
         ContextEncoder,
         Colorization,
         SplitBrain,  # pretext tasks
-        MAE,
+        MAE,  # masked image modelling
+        VideoColorization,  # video: colourisation as tracking
     )
-}  # masked image modelling
+}
 
 
 def get_method_class(name: str) -> type[Method]:

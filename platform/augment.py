@@ -70,8 +70,9 @@ def build_views(
 
 
 def channel_stats(images: torch.Tensor, max_images: int = 10_000) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images, in [0, 1] units (for normalisation)."""
-    sample = images[:max_images].float().div_(255)
+    """Per-channel mean and std of uint8 images (or clips [N, T, 3, H, W]: their frames), in [0, 1]
+    units (for normalisation)."""
+    sample = images.flatten(0, -4)[:max_images].float().div_(255)
     return sample.mean(dim=(0, 2, 3)).tolist(), sample.std(dim=(0, 2, 3)).tolist()
 
 

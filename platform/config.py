@@ -67,6 +67,9 @@ class DataConfig:
     # labelled sets above then serve evaluation only (kNN, probes, fine-tuning).
     pretrain: Optional[str] = None
     pretrain_subset: Optional[int] = check(default=None, gt=0)  # pretraining images kept
+    # Video datasets (synthetic_video, videofolder: root/train/<clip>/<frames>, root/test/<clip>/
+    # with masks/): frames per clip. train_size / test_size / subset then count clips.
+    clip_length: int = check(default=8, ge=2)
 
 
 @dataclass
@@ -142,6 +145,12 @@ class EvalConfig:
     linear_l2: float = check(default=1e-4, gt=0)
     finetune_epochs: int = check(default=10, gt=0)
     finetune_lr: float = check(default=0.05, gt=0)
+    # Video datasets: the first frame's masks propagated through each test clip by feature
+    # affinity (each pixel takes the labels of its `propagation_topk` most similar pixels of the
+    # first frame and of the `propagation_context` frames before it, softmax at this temperature).
+    propagation_temperature: float = check(default=0.07, gt=0)
+    propagation_topk: int = check(default=10, gt=0)
+    propagation_context: int = check(default=1, ge=0)
 
 
 @dataclass
@@ -456,6 +465,7 @@ def build_study(raw: dict, source: str = "<config>") -> StudyConfig:
             f"needs one of {', '.join(method_cls.backbones)}",
         )
     _check_views(study, method_cls, source)
+    _check_data_kind(study, method_cls, source)
     _check_data(study.data, source)
     _check_sweep(raw, study, source)
     _check_train(study, source)
@@ -531,14 +541,41 @@ def _check_unique(values: list, key: str, source: str) -> None:
         seen.append(value)
 
 
+def _check_data_kind(study: StudyConfig, method_cls, source: str) -> None:
+    """Video methods train on clips, image methods on images: the dataset must be of the right kind."""
+    from sslab.platform.data import VIDEO
+
+    kind = "video" if study.data.name in VIDEO else "images"
+    if kind != method_cls.data_kind:
+        raise ConfigError(
+            source,
+            "data.name",
+            f"{study.data.name!r} holds {'clips' if kind == 'video' else 'images'}; method "
+            f"{study.method!r} trains on {'clips' if method_cls.data_kind == 'video' else 'images'} "
+            f"(video datasets: {', '.join(sorted(VIDEO))})",
+        )
+    if kind == "video" and study.data.pretrain is not None:
+        raise ConfigError(source, "data.pretrain", "video datasets have no separate pretraining images")
+    problem = method_cls.check_clip_length(method_cls.Args(**study.method_args), study.data.clip_length)
+    if kind == "video" and problem:
+        raise ConfigError(source, "data.clip_length", problem)
+
+
 def _check_data(data: DataConfig, source: str) -> None:
     _check_pretrain(data, source)
-    if data.name == "synthetic":
+    if data.name in ("synthetic", "synthetic_video"):
         return
     if data.root is None:
         raise ConfigError(source, "data.root", f"required for data.name={data.name!r}")
     root = Path(data.root).expanduser()
-    if data.name == "imagefolder":
+    if data.name == "videofolder":
+        from sslab.platform.data import DataError, scan_video_folder
+
+        try:
+            scan_video_folder(root.resolve(), data.clip_length)
+        except (DataError, OSError) as err:
+            raise ConfigError(source, "data.root", str(err)) from None
+    elif data.name == "imagefolder":
         from sslab.platform.data import DataError, scan_image_folder
 
         for split in ("train", "test"):

@@ -1,6 +1,7 @@
 """Datasets as uint8 tensors [N, 3, H, W], decoded once: the embedded default
 (platform/synthetic.py), torchvision's, and image folders. A dataset may carry captions (a
-capability image-text methods use); the others leave them None."""
+capability image-text methods use); the others leave them None. Video datasets hold clips
+[N, T, 3, H, W] instead, their test clips with per-frame instance masks [M, T, H, W]."""
 
 from __future__ import annotations
 
@@ -32,17 +33,34 @@ class Dataset:
     # Unlabelled images pretraining draws from instead of train_images (`data.pretrain`); the
     # labelled splits then serve evaluation only.
     pretrain_images: torch.Tensor | None = None
+    # Video only: the instance id of every pixel of every test frame (0: background), uint8
+    # [M, T, H, W]; evaluation propagates the first frame's through the clip.
+    test_masks: torch.Tensor | None = None
 
     @property
     def image_size(self) -> int:
         return self.train_images.shape[-1]
 
     @property
+    def kind(self) -> str:
+        """ "video" (clips [N, T, 3, H, W]) or "images" ([N, 3, H, W])."""
+        return "video" if self.train_images.dim() == 5 else "images"
+
+    @property
     def ssl_images(self) -> torch.Tensor:
         """What self-supervised training draws its batches from."""
         return self.train_images if self.pretrain_images is None else self.pretrain_images
 
+    def example_images(self, count: int) -> torch.Tensor:
+        """`count` test images as an encoder takes them (of a video: frames of the first clip)."""
+        return self.test_images[0, :count] if self.kind == "video" else self.test_images[:count]
+
     def describe(self) -> str:
+        if self.kind == "video":
+            return (
+                f"{self.name}: {len(self.train_images)} train / {len(self.test_images)} test clips of "
+                f"{self.train_images.shape[1]} frames, {self.image_size}px"
+            )
         pretrain = (
             "" if self.pretrain_images is None else f"pretraining on {len(self.pretrain_images)} unlabelled, "
         )
@@ -74,6 +92,8 @@ def _load(cfg: DataConfig) -> Dataset:
     data.train_images, data.train_labels, data.train_captions = _subset(
         data.train_images, data.train_labels, data.train_captions, cfg.subset, cfg.seed
     )
+    if data.test_masks is not None and cfg.test_subset is not None and cfg.test_subset < len(data.test_masks):
+        data.test_masks = data.test_masks[_subset_indices(len(data.test_masks), cfg.test_subset, cfg.seed)]
     data.test_images, data.test_labels, data.test_captions = _subset(
         data.test_images, data.test_labels, data.test_captions, cfg.test_subset, cfg.seed
     )
@@ -225,8 +245,10 @@ def train_set_size(cfg: DataConfig) -> int | None:
         return min(total, cfg.pretrain_subset or total)
     if cfg.pretrain == STL10_UNLABELED:
         return min(105_000, cfg.pretrain_subset or 105_000)
-    if cfg.name == "synthetic":
+    if cfg.name in GENERATED:
         total = cfg.train_size
+    elif cfg.name == "videofolder":
+        total = len(scan_video_folder(Path(cfg.root).expanduser().resolve(), cfg.clip_length)[0])
     elif cfg.name == "imagefolder":
         total = len(scan_image_folder(Path(cfg.root).expanduser().resolve()).train)
     else:
@@ -274,13 +296,107 @@ def _read_image(path: Path, size: int) -> torch.Tensor:
     return image if image.shape[-2:] == (size, size) else _resized(image[None], size)[0]
 
 
+# ----------------------------------------------------------------------------- video folders
+
+
+@functools.lru_cache(maxsize=8)
+def scan_video_folder(root: Path, clip_length: int) -> tuple[tuple, tuple]:
+    """`root/train/<clip>/<frames>` and `root/test/<clip>/<frames>` with `root/test/<clip>/masks/`
+    holding one mask per frame (same file stem; DAVIS's palette PNGs, or grey values = instance
+    ids). Frames in name order; each clip cut into windows of `clip_length` frames. Returns the
+    (train, test) windows: tuples of frame files (test: (frame, mask) pairs)."""
+    return _clip_windows(root / "train", clip_length, masks=False), _clip_windows(
+        root / "test", clip_length, masks=True
+    )
+
+
+def _clip_windows(split: Path, length: int, masks: bool) -> tuple:
+    if not split.is_dir():
+        raise DataError(f"{split} is not a folder (expected {split.name}/<clip>/<frames>)")
+    windows = []
+    for clip in sorted(p for p in split.iterdir() if p.is_dir()):
+        frames = [f for f in sorted(clip.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        if len(frames) < length:
+            raise DataError(f"{clip} has {len(frames)} frames, fewer than data.clip_length={length}")
+        if masks:
+            pairs = []
+            for f in frames:
+                mask = next(
+                    (m for m in (clip / "masks").glob(f"{f.stem}.*") if m.suffix.lower() == ".png"), None
+                )
+                if mask is None:
+                    raise DataError(f"{clip / 'masks'} has no mask {f.stem}.png for frame {f.name}")
+                pairs.append((f, mask))
+            frames = pairs
+        windows += [tuple(frames[i : i + length]) for i in range(0, len(frames) - length + 1, length)]
+    if not windows:
+        raise DataError(f"{split} holds no clip folders")
+    return tuple(windows)
+
+
+def _videofolder(cfg: DataConfig) -> Dataset:
+    root = Path(cfg.root).expanduser().resolve()
+    train, test = scan_video_folder(root, cfg.clip_length)
+    train = _window_subset(train, cfg.subset, cfg.seed)
+    test = _window_subset(test, cfg.test_subset, cfg.seed)
+    frames = lambda files: torch.stack([_read_image(f, cfg.image_size) for f in files])
+    test_frames = torch.stack([frames([f for f, _ in w]) for w in test])
+    test_masks = torch.stack([torch.stack([_read_mask(m, cfg.image_size) for _, m in w]) for w in test])
+    no_labels = lambda n: torch.full((n,), -1, dtype=torch.long)
+    train_frames = torch.stack([frames(w) for w in train])
+    return Dataset(
+        f"videofolder:{root.name}",
+        [],
+        train_frames,
+        no_labels(len(train)),
+        test_frames,
+        no_labels(len(test)),
+        test_masks=test_masks,
+    )
+
+
+def _window_subset(windows: tuple, size: int | None, seed: int) -> tuple:
+    """The subset is taken here, before decoding (`_load` then finds it already small enough)."""
+    if size is None or size >= len(windows):
+        return windows
+    return tuple(windows[i] for i in _subset_indices(len(windows), size, seed).tolist())
+
+
+def _read_mask(path: Path, size: int) -> torch.Tensor:
+    """A mask PNG -> uint8 instance ids [size, size] (nearest-neighbour resize): palette indices
+    (DAVIS) or grey values as they are; an RGB mask's distinct colours numbered, black first."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except OSError as err:
+        raise DataError(f"{path}: cannot decode ({err})") from None
+    if image.mode in ("P", "L", "I", "I;16"):
+        ids = torch.from_numpy(np.array(image).astype(np.int64))
+    else:
+        rgb = torch.from_numpy(np.array(image.convert("RGB")).astype(np.int64))
+        code = rgb[..., 0] * 65536 + rgb[..., 1] * 256 + rgb[..., 2]
+        ids = torch.unique(code, return_inverse=True)[1]  # black (0) sorts first
+    ids = F.interpolate(ids[None, None].float(), size=(size, size), mode="nearest")[0, 0]
+    return ids.clamp(0, 255).byte()
+
+
 def synthetic_dataset(cfg: DataConfig) -> Dataset:
     from sslab.platform.synthetic import synthetic
 
     return synthetic(cfg)
 
 
-GENERATED = {"synthetic"}  # a pure function of the config: kept in memory by `load_dataset`
+def synthetic_video_dataset(cfg: DataConfig) -> Dataset:
+    from sslab.platform.synthetic_video import synthetic_video
+
+    return synthetic_video(cfg)
+
+
+GENERATED = {"synthetic", "synthetic_video"}  # pure functions of the config: kept by `load_dataset`
+VIDEO = {"synthetic_video", "videofolder"}  # datasets of clips (checked against a method's data_kind)
 # name -> loader(cfg) -> Dataset: validation and loading both read this table.
 DATASETS = {
     "synthetic": synthetic_dataset,
@@ -288,6 +404,8 @@ DATASETS = {
     "cifar100": _torchvision,
     "stl10": _torchvision,
     "imagefolder": _imagefolder,
+    "synthetic_video": synthetic_video_dataset,
+    "videofolder": _videofolder,
 }
 
 

@@ -231,7 +231,16 @@ def run_protocols(
     method, data, eval_cfg, device, seed: int = 0, amp: bool = False, prefix: str = "eval/"
 ) -> tuple[dict[str, float], dict[str, list[int]]]:
     """Every configured protocol on `method`'s frozen (or, for fine-tuning, copied) encoder.
-    Returns (metrics, label subsets used); features are computed once for all protocols."""
+    Returns (metrics, label subsets used); features are computed once for all protocols.
+    On video data: mask propagation (J) instead, whatever the protocols (clips have no classes)."""
+    if data.kind == "video":
+        from sslab.platform.propagation import propagation_scores
+
+        with eval_mode(method):
+            scores = propagation_scores(
+                method.dense_features, data.test_images, data.test_masks, device, eval_cfg
+            )
+        return {prefix + k: v for k, v in scores.items()}, {}
     with eval_mode(method):
         # Frozen features in fp32 whatever the training precision: kNN and the probe then measure
         # what training learned, not bf16 rounding (`amp` speeds up fine-tuning's training only).

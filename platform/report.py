@@ -19,7 +19,7 @@ from sslab.platform.config import point_keys
 from sslab.platform.tracking import TRIAL_TAG, Tracker
 from sslab.platform.verdict import expectations, judge_all, verdict
 
-CURVES = ("loss", "knn_top1")
+CURVES = ("loss", "knn_top1", "propagation_j")
 
 
 def find_parent(tracker: Tracker, study: str, parent_run_id: str | None = None):
@@ -101,22 +101,26 @@ def point_name(trial: str) -> str:
     return ",".join(parts) or "default"
 
 
-# (trained metric, random-init metric, label): what a report puts side by side, where present.
+# (trained metric, baseline metric, label, baseline's label): what a report puts side by side,
+# where present. Video studies: propagated masks against the same network at random init and
+# against the first mask copied to every frame (no tracking at all).
 HEADLINES = [
-    ("knn_top1", "random_init_knn_top1", "kNN top-1"),
-    ("eval/linear_top1", "random_init_linear_top1", "linear top-1"),
-    ("eval/finetune_top1", "random_init_finetune_top1", "fine-tune top-1"),
-    ("eval/zero_shot_top1", "random_init_zero_shot_top1", "zero-shot top-1"),
+    ("knn_top1", "random_init_knn_top1", "kNN top-1", "random init"),
+    ("eval/linear_top1", "random_init_linear_top1", "linear top-1", "random init"),
+    ("eval/finetune_top1", "random_init_finetune_top1", "fine-tune top-1", "random init"),
+    ("eval/zero_shot_top1", "random_init_zero_shot_top1", "zero-shot top-1", "random init"),
+    ("eval/propagation_j", "random_init_propagation_j", "mask propagation J", "random init"),
+    ("eval/propagation_j", "eval/copy_first_j", "mask propagation J", "first mask copied"),
 ]
 
 
-def headlines(trials: pd.DataFrame) -> list[tuple[str, str, str]]:
+def headlines(trials: pd.DataFrame) -> list[tuple[str, str, str, str]]:
     return [h for h in HEADLINES if h[0] in trials]
 
 
 def summarise(trials: pd.DataFrame, extra: tuple[str, ...] = ()) -> pd.DataFrame:
     """Mean and std over seeds of each sweep point's headline metrics (and `extra` ones)."""
-    columns = [c for trained, base, _ in headlines(trials) for c in (trained, base) if c in trials]
+    columns = list(dict.fromkeys(c for h in headlines(trials) for c in h[:2] if c in trials))
     columns += [c for c in extra if c in trials and c not in columns]
     grouped = trials.groupby("point")[columns]
     return grouped.agg(["mean", "std", "count"])
@@ -306,6 +310,7 @@ def build_report(study: str, tracking_uri: str, out_dir: Path, parent_run_id: st
         "probes.png": _plot_probes(probes, metric),
         "loss.png": _plot_curves(curves, "loss", "training loss"),
         "knn_top1.png": _plot_curves(curves, "knn_top1", "kNN top-1 (epoch 0 = random init)"),
+        "propagation_j.png": _plot_curves(curves, "propagation_j", "mask propagation J (epoch 0 = random init)"),
         "monitored_knn.png": _plot_monitored(curves, trials),
     }
     for name, png in plots.items():
@@ -387,14 +392,14 @@ def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str, p
     ]
     shown = headlines(trials) if not trials.empty else []
     header = ["trial", "status"]
-    for _, _, label in shown:
-        header += [f"{label} (%)", "random init (%)", "gain (pts)"]
+    for _, _, label, base_label in shown:
+        header += [f"{label} (%)", f"{base_label} (%)", "gain (pts)"]
     flagged = not trials.empty and trials["state"].astype(bool).any()
     header += ["final loss"] + (["collapse"] if flagged else []) + ["images/s", "MLflow run"]
     rows = []
     for _, r in trials.iterrows():
         row = [r["trial"] + (" (uses labels)" if r.get("uses_labels") else ""), r["status"]]
-        for trained, base, _ in shown:
+        for trained, base, _, _ in shown:
             value, baseline = r.get(trained), r.get(base)
             gain = (value - baseline) * 100 if pd.notna(value) and pd.notna(baseline) else float("nan")
             row += [_fmt(value, 100), _fmt(baseline, 100), _fmt(gain, 1, "+.1f")]
@@ -405,13 +410,13 @@ def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str, p
         ]
         rows.append(row)
     points_header, points = ["point", "seeds"], []
-    for _, _, label in shown:
-        points_header += [f"{label} (%)", "random init (%)"]
+    for _, _, label, base_label in shown:
+        points_header += [f"{label} (%)", f"{base_label} (%)"]
     if shown:
         summary = summarise(trials)
         for point, stats in summary.iterrows():
             row = [point, str(int(stats[(shown[0][0], "count")]))]
-            for trained, base, _ in shown:
+            for trained, base, _, _ in shown:
                 row += [_cell(stats, trained), _cell(stats, base)]
             points.append(row)
     return {

@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -331,7 +332,7 @@ class TrialLogger:
             return
         # A CPU copy in fp32, eval mode: what a user loads (the trained method stays as it is).
         module = copy.deepcopy(EncoderModule(method.encoder())).cpu().float().eval()
-        example = data.test_images[:2].cpu().float() / 255  # RGB in [0, 1]
+        example = data.example_images(2).cpu().float() / 255  # RGB in [0, 1]
         try:
             description = f"{study.method} encoder of study {study.name}" + (
                 f": {study.description}" if study.description else ""
@@ -449,11 +450,9 @@ def train_loop(config: dict) -> dict:
     if start_epoch == 0 and study.eval.random_init_baseline and runtime.is_main:
         baseline, _ = protocol_eval(method, data, study, runtime, prefix="random_init_")
         say(runtime, "random init: " + _format(baseline))
-        logger.log_once(baseline | {"knn_top1": baseline["random_init_knn_top1"]}, 0, "random_init_knn_top1")
-        latest_knn = {
-            "knn_top1": baseline["random_init_knn_top1"],
-            "knn_top5": baseline["random_init_knn_top5"],
-        }
+        latest_knn = monitor_keys(baseline, prefix="random_init_")
+        first_key = next(iter(latest_knn))
+        logger.log_once(baseline | latest_knn, 0, "random_init_" + first_key)
 
     metrics: dict = {}
     try:
@@ -462,7 +461,7 @@ def train_loop(config: dict) -> dict:
             is_last = epoch == train.epochs
             if runtime.is_main:
                 metrics |= epoch_evaluation(trainer, logger, epoch, is_last)
-            latest_knn.update({k: v for k, v in metrics.items() if k.startswith("knn_")})
+            latest_knn.update(monitor_keys(metrics))
             metrics |= {
                 f"hp/{k}": float(get_dotted(config["study"], k)) for k in config.get("logged_keys", [])
             }
@@ -497,11 +496,32 @@ def epoch_evaluation(trainer: Trainer, logger: TrialLogger, epoch: int, is_last:
             logger.log_artifact_once(subsets, "eval/label_subsets.json")
             with eval_mode(method):
                 logger.log_images(method.artifacts(data))
-        # the monitor's keys too (knn_top1, student_knn_top1, ...): its curves run to the end
-        return probe | {k.removeprefix("eval/"): v for k, v in probe.items() if "knn_top" in k}
+            if data.kind == "video":
+                from sslab.platform.propagation import propagation_strip
+
+                with eval_mode(method):
+                    strip = propagation_strip(method.dense_features, data, runtime.device, study.eval)
+                logger.log_images({"propagation": strip})
+        # the monitor's keys too (knn_top1, student_knn_top1, propagation_j): its curves run to the end
+        monitored = {k.removeprefix("eval/"): v for k, v in probe.items() if MONITOR.search(k)}
+        return probe | monitored
     if study.eval.knn_every and epoch % study.eval.knn_every == 0:
         return knn_eval(method, data, study, runtime)
     return {}
+
+
+# What the per-epoch monitor logs (and schedulers may rank on): kNN of the evaluated network and
+# of the ones a method follows; mask propagation on video data.
+MONITOR = re.compile(r"(^|/|_)(knn_top[15]|propagation_j|copy_first_j)$")
+
+
+def monitor_keys(metrics: dict, prefix: str = "") -> dict:
+    """The monitor's metrics among `metrics`, with `prefix` removed (random_init_knn_top1 -> knn_top1)."""
+    return {
+        k.removeprefix(prefix): v
+        for k, v in metrics.items()
+        if k.startswith(prefix) and MONITOR.search(k) and "/" not in k
+    }
 
 
 def probe_epochs(study: StudyConfig) -> set[int]:

@@ -19,6 +19,30 @@ TINY = {
 }
 
 
+# The tiny study's data for a video method: 16 clips of 4 frames (the embedded synthetic video).
+TINY_VIDEO_DATA = {
+    "name": "synthetic_video",
+    "train_size": 16,
+    "test_size": 2,
+    "image_size": 32,
+    "clip_length": 4,
+}
+
+
+def for_method(raw: dict, name: str) -> dict:
+    """The tiny study `raw` made fit for method `name`: a ViT for ViT-only methods (MAE), clips
+    for video methods, a batch the clips fill."""
+    from sslab.methods.registry import METHODS
+
+    raw["method"] = name
+    if METHODS[name].backbones:
+        raw["backbone"] = {"name": METHODS[name].backbones[0], "width": 0.34}
+    if METHODS[name].data_kind == "video":
+        raw["data"] = dict(TINY_VIDEO_DATA)
+        raw["train"]["batch_size"] = 8
+    return raw
+
+
 def apply_change(raw: dict, change: dict) -> None:
     """Merges `change` into a study dict: mapping sections key by key, anything else replaced."""
     for section, value in change.items():

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import TINY
+from conftest import TINY, for_method
 from sslab.methods.registry import METHODS
 from sslab.platform.config import build_study
 from sslab.platform.train import train_loop, trial_config
@@ -18,12 +18,10 @@ from sslab.platform.train import train_loop, trial_config
 
 def study_for(name: str) -> dict:
     raw = copy.deepcopy(TINY)
-    raw.update(method=name, name=f"ddp-{name}")
+    raw.update(name=f"ddp-{name}")
     raw["train"].update(epochs=1, report_every_steps=2)
     raw["eval"] = {"knn_k": 20, "protocols": ["knn"], "random_init_baseline": False}
-    if METHODS[name].backbones:  # MAE: a ViT
-        raw["backbone"] = {"name": METHODS[name].backbones[0], "width": 0.34}
-    return raw
+    return for_method(raw, name)
 
 
 def _join(rank: int, world: int, init_file: str) -> None:

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from conftest import for_method
 from sslab.methods.registry import METHODS
 from sslab.platform.config import build_study
 from sslab.platform.data import load_dataset
@@ -72,10 +73,7 @@ def test_lars_scales_update_by_trust_ratio():
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_takes_two_steps(name, tiny_raw):
-    tiny_raw["method"] = name
-    if METHODS[name].backbones:  # MAE: a ViT
-        tiny_raw["backbone"] = {"name": METHODS[name].backbones[0], "width": 0.34}
-    study = build_study(tiny_raw)
+    study = build_study(for_method(tiny_raw, name))
     data = load_dataset(study.data)
     method = build_method(study, data, torch.device("cpu"), total_steps=2)
     optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.01)
@@ -87,7 +85,7 @@ def test_every_method_takes_two_steps(name, tiny_raw):
         method.on_step_end(step)
         assert torch.isfinite(loss) and all(torch.isfinite(torch.as_tensor(v)) for v in metrics.values())
     method.eval()
-    assert method.features(data.test_images[:4]).shape[0] == 4
+    assert method.features(data.example_images(4)).shape[0] == 4
     assert all(0 <= v <= 1 for v in method.evaluate(data).values())
 
 
