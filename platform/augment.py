@@ -71,8 +71,12 @@ def build_views(
 
 def channel_stats(images: torch.Tensor, max_images: int = 10_000) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images (or clips [N, T, 3, H, W]: their frames), in [0, 1]
-    units (for normalisation)."""
-    sample = images.flatten(0, -4)[:max_images].float().div_(255)
+    units (for normalisation), from up to `max_images` spread evenly over the set (an image
+    folder is sorted by class: its first images are one class); image files: up to 2,000."""
+    if not torch.is_tensor(images):
+        max_images = min(max_images, 2000)  # decoded for this
+    picked = torch.linspace(0, len(images) - 1, min(len(images), max_images)).round().long()
+    sample = images[picked].flatten(0, -4).float().div_(255)
     return sample.mean(dim=(0, 2, 3)).tolist(), sample.std(dim=(0, 2, 3)).tolist()
 
 

@@ -10,6 +10,8 @@ both, side by side. Every path is also put against the machine's limit: the FLOP
 training step (torch's flop counter) over its time, as a fraction of a large matmul's FLOP/s
 in fp32 and in bf16 measured on the same threads. Prints the ratios and writes everything to a
 JSON file. Needs torch alone (no Ray, no MLflow), so it runs on a bare GPU machine too.
+`--streaming` instead times the step on batches from the uint8 tensor against the same step on
+batches decoded from the image files per batch (`data.loading: stream`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import platform as std_platform
 import time
 from itertools import cycle
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -178,6 +181,8 @@ def run_bench(args) -> dict:
     study = build_study(_study(args))
     data = load_dataset(study.data)
     data.train_images = data.train_images.to(device)
+    if args.streaming:
+        return _streaming_bench(args, study, data, device)
     steps, flops_step = (_precision_paths if args.precision else _data_paths)(args, study, data, device)
     seconds, first_step = _time_interleaved(steps, args.rounds, args.steps, args.warmup, device)
     flops = step_flops(flops_step)
@@ -217,6 +222,72 @@ def run_bench(args) -> dict:
         "ceiling_flops_per_s": ceiling,
         "paths": paths,
         "ratios": ratios,
+    }
+
+
+def _streaming_bench(args, study, data, device) -> dict:
+    """sslab's step on batches indexed from the uint8 tensor ("memory") against the same step on
+    batches decoded from the same image files by `--loader-workers` processes ("stream", what
+    `data.loading: stream` trains on). Each round times `--steps` consecutive steps of each; the
+    stream's pipeline starts afresh every round and first runs 2 batches per worker untimed (its
+    prefetch depth), so the timed steps are its sustained rate, not a full prefetch buffer."""
+    import statistics
+
+    from sslab.platform.data import _subset_indices, scan_image_folder
+    from sslab.platform.streaming import ImageFiles, epoch_batches
+
+    if args.data != "imagefolder":
+        raise SystemExit("sslab bench --streaming needs --data imagefolder --root DIR (files to stream)")
+    method = build_method(study, data, device, total_steps=1_000_000)
+    optimizer = build_optimizer(method, study.train)
+    items = scan_image_folder(Path(args.root).expanduser().resolve()).train
+    keep = (
+        _subset_indices(len(items), args.images, 0).tolist()
+        if args.images < len(items)
+        else range(len(items))
+    )
+    files = ImageFiles([items[i][0] for i in keep], data.image_size)
+    gen = torch.Generator().manual_seed(0)
+    draw = lambda: torch.randint(len(files), (args.batch_size,), generator=gen)
+    lead = 2 * max(1, args.loader_workers)
+
+    def step(images, index):
+        train_step(
+            method, method, optimizer, images.to(device, non_blocking=True), 0, index.to(device), args.amp
+        )
+
+    def timed(batches, indices) -> list[float]:
+        times = []
+        for images, index in zip(batches, indices):
+            _sync(device)
+            start = time.perf_counter()
+            step(images, index)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        return times
+
+    for _ in range(args.warmup):
+        index = draw()
+        step(data.train_images[index.to(device)], index)
+    times = {"memory": [], "stream": []}
+    for _ in range(args.rounds):
+        indices = [draw() for _ in range(args.steps)]
+        times["memory"] += timed((data.train_images[i.to(device)] for i in indices), indices)
+        indices = [draw() for _ in range(lead + args.steps)]
+        batches = epoch_batches(files, indices, args.loader_workers, device)
+        for index, images in zip(indices[:lead], batches):  # the pipeline fills, untimed
+            step(images, index)
+        times["stream"] += timed(batches, indices[lead:])
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "fn", "command")},
+        "paths": {
+            name: {"seconds_per_step": s, "images_per_s": args.batch_size / s} for name, s in seconds.items()
+        },
+        "ratios": {"streaming_cost_vs_memory": seconds["stream"] / seconds["memory"] - 1},
     }
 
 
@@ -347,6 +418,20 @@ def _precision_paths(args, study, data, device):
 
 def format_result(result: dict) -> str:
     s = result["settings"]
+    if s.get("streaming"):
+        cost = result["ratios"]["streaming_cost_vs_memory"]
+        return "\n".join(
+            [
+                f"device: {result['device']}, torch {result['torch']}, {result['threads']} threads; "
+                f"{s['method']} / {s['backbone']} width {s['width']}, batch {s['batch_size']}, "
+                f"{s['loader_workers']} decoders, median of {s['rounds']} rounds x {s['steps']} steps",
+            ]
+            + [
+                f"{name:<8}{p['seconds_per_step']:>9.4f} s/step{p['images_per_s']:>9.0f} images/s"
+                for name, p in result["paths"].items()
+            ]
+            + [f"streaming costs {100 * cost:+.1f}% per step against the in-memory tensor"]
+        )
     lines = [
         f"device: {result['device']}, torch {result['torch']}, {result['threads']} threads",
         f"{s['method']} / {s['backbone']} width {s['width']}, batch {s['batch_size']}, "
@@ -419,6 +504,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--epoch-images", type=int, default=50_000, help="images per epoch for s/epoch (CIFAR-10: 50k)"
     )
     p.add_argument("--loader-workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        help="time training on image files decoded per batch (data.loading: stream) against the "
+        "in-memory tensor (needs --data imagefolder --root DIR)",
+    )
     p.add_argument("--out", default="bench.json", help="JSON file for the results")
 
 

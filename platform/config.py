@@ -70,6 +70,14 @@ class DataConfig:
     # Video datasets (synthetic_video, videofolder: root/train/<clip>/<frames>, root/test/<clip>/
     # with masks/): frames per clip. train_size / test_size / subset then count clips.
     clip_length: int = check(default=8, ge=2)
+    # Image files (imagefolder splits, a data.pretrain folder) held decoded in memory ("memory"),
+    # or decoded per batch by `stream_workers` processes ("stream": memory holds a few batches);
+    # "auto" streams a split whose uint8 tensor would exceed memory_limit_mb.
+    loading: Literal["auto", "memory", "stream"] = "auto"
+    memory_limit_mb: float = check(default=8192, gt=0)
+    stream_workers: int = check(default=2, ge=0)
+    # Streaming: unreadable files are skipped with a warning; more than this fraction fails the run.
+    max_bad_fraction: float = check(default=0.01, ge=0, le=1)
 
 
 @dataclass
@@ -124,6 +132,9 @@ class TrainConfig:
     gpus_per_worker: float = check(default=1.0, gt=0, le=1)  # < 1: trials share a GPU
     cpus_per_worker: Optional[float] = check(default=None, gt=0)  # None: CPUs / concurrent workers
     checkpoint_every: int = check(default=1, ge=1)  # epochs
+    # Also every this many optimiser steps inside an epoch (0: off), for long epochs (streamed
+    # data): a resumed trial continues the epoch's order from the step after the saved one.
+    checkpoint_every_steps: int = check(default=0, ge=0)
     report_every_steps: int = check(default=50, ge=1)
     max_failures: int = check(default=0, ge=0)  # worker restarts (from the last checkpoint)
     seed: int = 0  # set per trial from the study's `seeds`
@@ -563,6 +574,16 @@ def _check_data_kind(study: StudyConfig, method_cls, source: str) -> None:
 
 def _check_data(data: DataConfig, source: str) -> None:
     _check_pretrain(data, source)
+    from sslab.platform.data import STL10_UNLABELED
+
+    has_files = data.name == "imagefolder" or data.pretrain not in (None, STL10_UNLABELED)
+    if data.loading == "stream" and not has_files:
+        raise ConfigError(
+            source,
+            "data.loading",
+            f"'stream' reads image files: data.name {data.name!r} has none "
+            "(imagefolder, or a data.pretrain folder, streams)",
+        )
     if data.name in ("synthetic", "synthetic_video"):
         return
     if data.root is None:

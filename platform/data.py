@@ -212,6 +212,13 @@ def scan_unlabelled_folder(root: Path) -> tuple[Path, ...]:
     return files
 
 
+def streams(cfg: DataConfig, count: int) -> bool:
+    """Whether a split of `count` image files is decoded per batch rather than held in memory."""
+    if cfg.loading != "auto":
+        return cfg.loading == "stream"
+    return count * 3 * cfg.image_size**2 > cfg.memory_limit_mb * 2**20
+
+
 def load_pretrain_images(cfg: DataConfig) -> torch.Tensor:
     """The unlabelled pretraining images `data.pretrain` names, uint8 at the study's size."""
     if cfg.pretrain == STL10_UNLABELED:
@@ -223,7 +230,7 @@ def load_pretrain_images(cfg: DataConfig) -> torch.Tensor:
         return images if images.shape[-1] == cfg.image_size else _resize(images, cfg.image_size)
     root = Path(cfg.pretrain).expanduser().resolve()
     items = tuple((f, -1) for f in scan_unlabelled_folder(root))
-    return _decode_split(root, items, cfg.image_size, cfg.pretrain_subset, cfg.seed)[0]
+    return _split(cfg, root, items, cfg.pretrain_subset)[0]
 
 
 def _resize(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
@@ -259,9 +266,22 @@ def train_set_size(cfg: DataConfig) -> int | None:
 def _imagefolder(cfg: DataConfig) -> Dataset:
     root = Path(cfg.root).expanduser().resolve()
     scan = scan_image_folder(root)
-    train = _decode_split(root / "train", scan.train, cfg.image_size, cfg.subset, cfg.seed)
-    test = _decode_split(root / "test", scan.test, cfg.image_size, cfg.test_subset, cfg.seed)
+    train = _split(cfg, root / "train", scan.train, cfg.subset)
+    test = _split(cfg, root / "test", scan.test, cfg.test_subset)
     return Dataset(f"imagefolder:{root.name}", list(scan.classes), *train, *test)
+
+
+def _split(cfg: DataConfig, split_dir: Path, items: tuple[tuple[Path, int], ...], subset: int | None):
+    """(images, labels) of a split's files (after `subset`): decoded into memory, or as
+    `ImageFiles` read per batch where `data.loading` says to stream."""
+    from sslab.platform.streaming import ImageFiles
+
+    if subset is not None and subset < len(items):
+        items = tuple(items[i] for i in _subset_indices(len(items), subset, cfg.seed).tolist())
+    if not streams(cfg, len(items)):
+        return _decode_split(split_dir, items, cfg.image_size, None, cfg.seed)
+    labels = torch.tensor([label for _, label in items], dtype=torch.long)
+    return ImageFiles([f for f, _ in items], cfg.image_size, cfg.max_bad_fraction), labels
 
 
 def _decode_split(

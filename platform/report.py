@@ -310,7 +310,7 @@ def build_report(study: str, tracking_uri: str, out_dir: Path, parent_run_id: st
         "probes.png": _plot_probes(probes, metric),
         "loss.png": _plot_curves(curves, "loss", "training loss"),
         "knn_top1.png": _plot_curves(curves, "knn_top1", "kNN top-1 (epoch 0 = random init)"),
-        "propagation_j.png": _plot_curves(curves, "propagation_j", "mask propagation J (epoch 0 = random init)"),
+        "propagation_j.png": _plot_curves(curves, "propagation_j", "propagation J (epoch 0 = random init)"),
         "monitored_knn.png": _plot_monitored(curves, trials),
     }
     for name, png in plots.items():

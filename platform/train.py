@@ -33,6 +33,7 @@ from sslab.platform.config import StudyConfig, TrainConfig, build_study, get_dot
 from sslab.platform.data import Dataset, atomic_torch_save, load_dataset
 from sslab.platform.evaluate import eval_mode, run_protocols
 from sslab.platform.optim import build_optimizer, cosine_schedule, scaled_lr
+from sslab.platform.streaming import epoch_batches, epoch_order, rank_batches
 from sslab.platform.tracking import TrialTracking
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -374,6 +375,7 @@ class Trainer:
     runtime: Runtime
     steps_per_epoch: int
     step: int = 0
+    checkpoint: Path | None = None  # where `train.checkpoint_every_steps` saves inside an epoch
 
     @property
     def total_steps(self) -> int:
@@ -408,9 +410,10 @@ def train_loop(config: dict) -> dict:
         torch.set_num_threads(max(1, round(train.cpus_per_worker)))  # Ray sets 1 by default
 
     data = load_dataset(study.data)
-    if runtime.device.type == "cuda":
-        data.train_images = data.train_images.to(runtime.device)  # uint8 on the GPU: 150 MB for CIFAR
-        if data.pretrain_images is not None:
+    if runtime.device.type == "cuda":  # uint8 on the GPU (150 MB for CIFAR); streamed files stay files
+        if torch.is_tensor(data.train_images):
+            data.train_images = data.train_images.to(runtime.device)
+        if torch.is_tensor(data.pretrain_images):
             data.pretrain_images = data.pretrain_images.to(runtime.device)
     steps_per_epoch = len(data.ssl_images) // train.batch_size
     if steps_per_epoch == 0:
@@ -431,11 +434,23 @@ def train_loop(config: dict) -> dict:
             # and its MLflow run stays as it ended.
             say(runtime, f"already complete ({checkpoint})")
             return {}
-        say(runtime, f"resumed from {checkpoint} after epoch {start_epoch}")
+        within = step - start_epoch * steps_per_epoch  # > 0: saved inside epoch start_epoch + 1
+        say(
+            runtime,
+            f"resumed from {checkpoint} after epoch {start_epoch}" + (f", step {within}" if within else ""),
+        )
     if train.compile:
         method.backbone.compile()  # in place: state-dict keys (checkpoints) unchanged
     trainer = Trainer(
-        method, distribute(method, runtime), optimizer, data, study, runtime, steps_per_epoch, step
+        method,
+        distribute(method, runtime),
+        optimizer,
+        data,
+        study,
+        runtime,
+        steps_per_epoch,
+        step,
+        checkpoint,
     )
     logger = TrialLogger(config.get("tracking"), runtime, study)
     if method.uses_labels():
@@ -570,14 +585,18 @@ def train_step(
     return loss, metrics
 
 
-def progress_line(trainer: Trainer, epoch: int, steps_done: int, loss: float, seconds: float) -> str:
+def progress_line(
+    trainer: Trainer, epoch: int, steps_done: int, loss: float, seconds: float, timed: int | None = None
+) -> str:
     """ "epoch 3/30 step 10/19 loss 1.234 | 44 img/s | epoch 0:21 left, trial 47:02 left": the
-    time left at this epoch's pace (training steps only; evaluations add to it)."""
-    train, per_step = trainer.study.train, seconds / steps_done
+    time left at this epoch's pace (training steps only; evaluations add to it). `timed`: the
+    steps `seconds` covers (fewer than `steps_done` in an epoch resumed part-way)."""
+    timed = timed or steps_done
+    train, per_step = trainer.study.train, seconds / timed
     trial_steps_left = trainer.total_steps - trainer.step
     return (
         f"epoch {epoch}/{train.epochs} step {steps_done}/{trainer.steps_per_epoch} loss {loss:.4f} | "
-        f"{steps_done * train.batch_size / max(seconds, 1e-9):.0f} img/s | "
+        f"{timed * train.batch_size / max(seconds, 1e-9):.0f} img/s | "
         f"epoch {clock((trainer.steps_per_epoch - steps_done) * per_step)} left, "
         f"trial {clock(trial_steps_left * per_step)} left"
     )
@@ -591,25 +610,34 @@ def clock(seconds: float) -> str:
 
 
 def run_epoch(trainer: Trainer, epoch: int) -> dict:
-    """One pass over the training set: each rank takes its slice of every global batch."""
+    """One pass over the training set: each rank takes its slice of every global batch, in an
+    order that is a pure function of (seed, epoch), so an epoch resumed from a checkpoint saved
+    inside it continues with the batch after the saved one."""
     train, runtime, data = trainer.study.train, trainer.runtime, trainer.data
     trainer.method.train()
-    # Same permutation on every rank (seeded by seed and epoch); each rank takes its slice.
-    generator = torch.Generator().manual_seed(train.seed * 100_003 + epoch)
-    # On the data's device once per epoch: no host-to-device copy of indices per step.
+    first = trainer.step - (epoch - 1) * trainer.steps_per_epoch  # > 0: resumed inside this epoch
     images_of = data.ssl_images  # the pretraining folder's, or the labelled training split
-    order = torch.randperm(len(images_of), generator=generator).to(images_of.device)
-    torch.manual_seed(train.seed * 1_000_003 + epoch * 1009 + runtime.rank)  # augmentation draws
+    order = epoch_order(len(images_of), train.seed, epoch).to(images_of.device)  # once, not per step
+    indices = rank_batches(
+        order, train.batch_size, trainer.steps_per_epoch, runtime.rank, runtime.world_size, first
+    )
+    # Augmentation draws: fresh per epoch, rank and (after a resume) starting step.
+    torch.manual_seed(train.seed * 1_000_003 + epoch * 1009 + runtime.rank + first * 7919)
     meter, started = EpochMeter(), time.perf_counter()
-    for i in range(trainer.steps_per_epoch):
+    batches = epoch_batches(images_of, indices, trainer.study.data.stream_workers, runtime.device)
+    for i, (index, images) in enumerate(zip(indices, batches), start=first):
         lr = trainer.learning_rate()
         for group in trainer.optimizer.param_groups:
             group["lr"] = lr
-        begin = i * train.batch_size + runtime.rank * trainer.local_batch
-        index = order[begin : begin + trainer.local_batch]
-        images = images_of[index].to(runtime.device, non_blocking=True)
+        images = images.to(runtime.device, non_blocking=True)
         loss, step_metrics = train_step(
-            trainer.model, trainer.method, trainer.optimizer, images, trainer.step, index, train.amp
+            trainer.model,
+            trainer.method,
+            trainer.optimizer,
+            images,
+            trainer.step,
+            index.to(runtime.device),
+            train.amp,
         )
         meter.add(loss, step_metrics)
         trainer.step += 1
@@ -617,7 +645,11 @@ def run_epoch(trainer: Trainer, epoch: int) -> dict:
             so_far = meter.means()  # one host sync per k steps, also the non-finite check
             if not math.isfinite(so_far["loss"]):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch} step {i + 1}")
-            say(runtime, progress_line(trainer, epoch, i + 1, so_far["loss"], time.perf_counter() - started))
+            seconds = time.perf_counter() - started
+            say(runtime, progress_line(trainer, epoch, i + 1, so_far["loss"], seconds, i + 1 - first))
+        every = train.checkpoint_every_steps
+        if every and trainer.step % every == 0 and i + 1 < trainer.steps_per_epoch and runtime.is_main:
+            save_checkpoint(trainer.checkpoint, trainer.method, trainer.optimizer, epoch - 1, trainer.step)
     seconds = time.perf_counter() - started
     metrics = meter.means()
     metrics.update(
@@ -626,6 +658,6 @@ def run_epoch(trainer: Trainer, epoch: int) -> dict:
         lr=lr,
         peak_lr=scaled_lr(train),
         epoch_seconds=seconds,
-        images_per_s=trainer.steps_per_epoch * train.batch_size / seconds,
+        images_per_s=len(indices) * train.batch_size / seconds,
     )
     return metrics

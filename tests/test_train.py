@@ -201,5 +201,6 @@ def test_the_monitor_follows_every_network_to_the_last_epoch(tmp_path, tiny_raw,
     tiny_raw["eval"] = {"knn_k": 20, "knn_every": 1, "protocols": ["knn"]}
     tracker, run_id = train_tracked(tmp_path, tiny_raw, tracking_uri)
     steps = [m.step for m in tracker.client.get_metric_history(run_id, "student_knn_top1")]
-    assert sorted(steps) == [1, 2]  # every epoch, the last one's from the final evaluation
+    # epoch 0 (the random init), every epoch, the last one's from the final evaluation
+    assert sorted(steps) == [0, 1, 2]
     assert "random_init_student_knn_top1" in tracker.client.get_run(run_id).data.metrics

@@ -1,0 +1,195 @@
+"""Streaming image files: the same pixels as the in-memory path, each image to one rank once per
+epoch, an epoch resumed where it stopped, unreadable files skipped and counted, and training on
+a folder larger than the memory it is given."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, TINY
+from sslab.platform.config import build_study
+from sslab.platform.data import load_dataset, scan_image_folder, scan_unlabelled_folder
+from sslab.platform.streaming import ImageFiles, TooManyBadFiles, epoch_batches, epoch_order, rank_batches
+
+
+def write_folder(root, classes: int, per_class: int, size: int = 20, seed: int = 0):
+    """train/ and test/ of `classes` classes, images of a few sizes (the loader resizes)."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", per_class), ("test", max(2, per_class // 4))):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                side = size + (i % 3) * 4
+                pixels = rng.integers(0, 255, (side, side, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:05d}.png")
+    scan_image_folder.cache_clear()
+    scan_unlabelled_folder.cache_clear()
+
+
+def folder_raw(root, loading: str) -> dict:
+    raw = {**TINY, "data": {"name": "imagefolder", "root": str(root), "image_size": 16, "loading": loading}}
+    raw["train"] = dict(TINY["train"], batch_size=16)
+    return raw
+
+
+def test_streamed_images_are_the_in_memory_pixels(tmp_path):
+    write_folder(tmp_path, classes=3, per_class=12)
+    memory = load_dataset(build_study(folder_raw(tmp_path, "memory")).data)
+    streamed = load_dataset(build_study(folder_raw(tmp_path, "stream")).data)
+    assert isinstance(streamed.train_images, ImageFiles) and torch.is_tensor(memory.train_images)
+    assert torch.equal(streamed.train_labels, memory.train_labels)
+    index = torch.tensor([5, 0, 35, 17])
+    assert torch.equal(streamed.train_images[index], memory.train_images[index])
+    assert torch.equal(streamed.test_images[:], memory.test_images)
+    batches = [index[:2], index[2:]]
+    from_workers = list(epoch_batches(streamed.train_images, batches, workers=2))
+    assert all(torch.equal(a, memory.train_images[i]) for a, i in zip(from_workers, batches))
+
+
+def test_auto_streams_what_exceeds_the_memory_limit(tmp_path):
+    write_folder(tmp_path, classes=2, per_class=8)
+    raw = folder_raw(tmp_path, "auto")
+    assert torch.is_tensor(load_dataset(build_study(raw).data).train_images)
+    raw["data"]["memory_limit_mb"] = 0.01  # 16 images of 16 px are 12 KB: above it
+    assert isinstance(load_dataset(build_study(raw).data).train_images, ImageFiles)
+
+
+def test_every_image_goes_to_one_rank_once_per_epoch_and_a_resume_continues_the_order():
+    n, batch, world = 96, 16, 2
+    order = epoch_order(n, seed=3, epoch=2)
+    ranks = [rank_batches(order, batch, n // batch, rank, world) for rank in range(world)]
+    seen = torch.cat([i for batches in ranks for i in batches])
+    assert sorted(seen.tolist()) == list(range(n))  # each image once, on one rank
+    assert torch.equal(epoch_order(n, 3, 2), order) and not torch.equal(epoch_order(n, 3, 3), order)
+    resumed = rank_batches(order, batch, n // batch, 1, world, start_step=4)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, ranks[1][4:])) and len(resumed) == 2
+
+
+def test_a_run_resumed_inside_an_epoch_sees_each_image_once(tmp_path, monkeypatch):
+    """Crash after step 3 of the first epoch (checkpoints every 2 steps), run again: the steps
+    after the checkpoint at step 2 are trained again and the epoch ends with every image seen."""
+    import sslab.platform.train as train_module
+
+    write_folder(tmp_path / "data", classes=2, per_class=32)  # 64 images: 4 steps of 16
+    raw = folder_raw(tmp_path / "data", "stream")
+    raw["train"].update(epochs=1, checkpoint_every_steps=2, report_every_steps=1)
+    raw["eval"] = {"knn_k": 5, "protocols": ["knn"], "random_init_baseline": False}
+    raw["data"]["stream_workers"] = 0
+    real_step, seen = train_module.train_step, []
+
+    def recording_step(model, method, optimizer, images, step, index, amp):
+        if crash[0] and step == 3:
+            raise KeyboardInterrupt("simulated crash")
+        seen.append((step, index.tolist()))
+        return real_step(model, method, optimizer, images, step, index, amp)
+
+    monkeypatch.setattr(train_module, "train_step", recording_step)
+    config = train_module.trial_config(build_study(raw), tmp_path / "trial", None)
+    crash = [True]
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train_loop(config)
+    crash[0] = False
+    train_module.train_loop(config)
+    steps = [s for s, _ in seen]
+    assert steps == [0, 1, 2, 2, 3]  # step 2 ran before the crash and again after it
+    final = {s: i for s, i in seen}  # what each step trained on, last time it ran
+    assert sorted(sum(final.values(), [])) == list(range(64))
+    assert seen[2][1] == seen[3][1]  # the re-run step took the same images
+
+
+def test_unreadable_files_are_skipped_and_counted_then_fail_the_run_past_the_limit(tmp_path, capsys):
+    write_folder(tmp_path, classes=2, per_class=10)
+    bad = sorted((tmp_path / "train" / "class1").iterdir())[:2]
+    for f in bad:
+        f.write_bytes(b"not a png")
+    files = sorted((tmp_path / "train").rglob("*.png"))
+    images = ImageFiles(files, 16, max_bad_fraction=0.1)
+    batch = images[torch.arange(len(files))]
+    assert batch.shape == (20, 3, 16, 16)  # a bad file's place taken by a readable image
+    err = capsys.readouterr().err
+    assert all(str(f) in err for f in bad) and "2 unreadable so far" in err
+    with pytest.raises(TooManyBadFiles, match="more than data.max_bad_fraction=0.05"):
+        ImageFiles(files, 16, max_bad_fraction=0.05)[torch.arange(len(files))]
+
+
+BOUNDED = r"""
+import json, sys, psutil, torch
+import sslab.platform.train as train_module
+from sslab.platform.config import build_study
+from sslab.platform.data import load_dataset
+raw, trial_dir, mode = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+rss = lambda: psutil.Process().memory_info().rss
+if mode == "load":  # what holding the same files in memory costs
+    before = rss()
+    data = load_dataset(build_study(raw).data)
+    print(json.dumps({"held": rss() - before, "bytes": data.ssl_images.numel()}))
+    sys.exit()
+real_step, samples = train_module.train_step, []
+def step(*args):
+    out = real_step(*args)
+    samples.append(rss())
+    return out
+train_module.train_step = step
+train_module.train_loop(train_module.trial_config(build_study(raw), trial_dir, None))
+print(json.dumps({"peak": max(samples), "steps": len(samples)}))
+"""
+
+
+def test_training_streams_a_folder_larger_than_its_memory_budget(tmp_path):
+    """The budget: the same run's peak on 512 of the files, plus 12 MB. Streaming all 8,192 stays
+    under it; holding them in memory (24 MB at 32 px) would not."""
+    pixels = np.random.default_rng(0).integers(0, 255, (8192, 32, 32, 3), dtype=np.uint8)
+    for part, subset in (("small", 512), ("large", 8192)):
+        folder = tmp_path / part / "unlabelled"
+        folder.mkdir(parents=True)
+        for i in range(subset):
+            Image.fromarray(pixels[i]).save(folder / f"{i:05d}.jpg", quality=90)
+
+    def run(part: str, mode: str, loading: str = "stream") -> dict:
+        raw = {
+            **TINY,
+            "data": {
+                "name": "synthetic",
+                "train_size": 64,
+                "test_size": 64,
+                "image_size": 32,
+                "pretrain": str(tmp_path / part / "unlabelled"),
+                "loading": loading,
+                "stream_workers": 0,
+            },
+            "train": dict(TINY["train"], epochs=1, batch_size=64, report_every_steps=1000),
+            "eval": {"knn_k": 5, "protocols": ["knn"], "random_init_baseline": False},
+        }
+        out = subprocess.run(
+            [sys.executable, "-c", BOUNDED, json.dumps(raw), str(tmp_path / f"trial-{part}-{mode}"), mode],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    small = run("small", "train")
+    budget = small["peak"] + 12 * 2**20
+    large = run("large", "train")
+    print(f"peak RSS: {small['peak'] / 2**20:.1f} MB on 512 files, {large['peak'] / 2**20:.1f} MB on 8,192")
+    assert large["steps"] == 8192 // 64  # the whole folder went through training
+    held = run("large", "load", loading="memory")
+    assert held["bytes"] == 8192 * 3 * 32 * 32 and held["held"] > 12 * 2**20  # in memory: over it
+    assert large["peak"] < budget, f"peak {large['peak'] / 2**20:.0f} MB > budget {budget / 2**20:.0f} MB"
+
+
+def test_streaming_what_has_no_files_is_a_config_error():
+    from sslab.platform.config import ConfigError
+
+    raw = {**TINY, "data": dict(TINY["data"], loading="stream")}
+    with pytest.raises(ConfigError) as err:
+        build_study(raw)
+    assert err.value.key == "data.loading"
