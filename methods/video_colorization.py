@@ -77,7 +77,8 @@ def ab_kmeans(clips: torch.Tensor, clusters: int, pixels: int, iterations: int =
 
 
 class VideoColorization(Method):
-    """Colours copied from reference frames by a learned pointer; the pointer tracks."""
+    """Vondrick et al. 2018: grey frames coloured by a learned pointer into reference frames of
+    the same clip; the pointer tracks (evaluated by propagating masks with it)."""
 
     name = "video_colorization"
     Args = VideoColorizationArgs

@@ -221,6 +221,8 @@ def cmd_methods(args) -> int:
         if cls.small_image_args():
             small = ", ".join(f"{k}={v!r}" for k, v in cls.small_image_args().items())
             print(f"    images <= {cls.SMALL_IMAGE_SIZE} px default to: {small}")
+        if cls.data_kind == "video":
+            print("    trains on video clips (synthetic_video, videofolder); evaluated by mask propagation")
         views = cls.views(cls.Args(), image_size=32)
         print(
             "    views (augment.views.<name>): "
