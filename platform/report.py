@@ -367,7 +367,12 @@ def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str, p
         (
             "data",
             f"{data.get('name')} ({data.get('subset') or 'all'} train / {data.get('test_subset') or 'all'} "
-            f"test images, root {portable(data.get('root')) or 'embedded'})"
+            + (
+                f"test clips of {data.get('clip_length')} frames"
+                if "video" in str(data.get("name"))
+                else "test images"
+            )
+            + f", root {portable(data.get('root')) or 'embedded'})"
             + (
                 f"; pretrained on the unlabelled {portable(data['pretrain'])}" if data.get("pretrain") else ""
             ),
