@@ -239,7 +239,8 @@ def _run_locked(
     _record_best(tracker, parent_run_id, summary, study)
     share = ray_share(time.time() - started, summary, study.max_concurrent_trials, ray_start_seconds)
     tracker.log_metrics(parent_run_id, share, step=0)
-    status = "FINISHED" if all(r == "TERMINATED" for r in results.values()) else "FAILED"
+    ran_all = len(results) >= count  # an interrupted study leaves some never started
+    status = "FINISHED" if ran_all and all(r == "TERMINATED" for r in results.values()) else "FAILED"
     tracker.end(parent_run_id, status)
     print(
         f"study {study.name}: {status.lower()} in {share['wall_seconds']:.0f} s; {describe_ray_share(share)}",
@@ -750,9 +751,17 @@ def _run_tune(
                 callbacks=[study_progress(study, num_samples * (len(fixed) or 1))],
             ),
         )
-    grid = tuner.fit()
+    return trial_statuses(tuner.fit(), factory, fixed)
+
+
+def trial_statuses(grid, factory: TrialFactory, fixed: dict) -> dict[str, str]:
+    """Trial name -> "TERMINATED" or "ERROR" for each trial Tune ran. A study interrupted
+    (Ctrl-C) leaves trials that never started: no config, no status (the parent run then ends
+    FAILED, and `sslab run --resume` runs them)."""
     statuses = {}
     for result in grid:
+        if result.config is None and not result.metrics:
+            continue  # never started
         # the name the trial itself reported (PBT may have replaced its config by another's)
         name = (result.metrics or {}).get("sslab_trial") or factory.from_tune(result.config, fixed)[
             "tracking"

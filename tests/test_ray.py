@@ -313,3 +313,15 @@ def test_local_cluster_listens_on_loopback_only_and_requires_a_token(ray_cluster
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=10)
         assert refused.value.code == 401, url
+
+
+def test_an_interrupted_study_skips_the_trials_that_never_started():
+    """Ctrl-C: Tune returns the trials it never started without a config; they get no status
+    (was: a TypeError that left the parent run open)."""
+    from types import SimpleNamespace
+
+    from sslab.platform.study import trial_statuses
+
+    ran = SimpleNamespace(config=None, metrics={"sslab_trial": "seed=0"}, error=None)
+    never_started = SimpleNamespace(config=None, metrics={}, error=None)
+    assert trial_statuses([ran, never_started], factory=None, fixed={}) == {"seed=0": "TERMINATED"}
