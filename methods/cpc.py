@@ -26,6 +26,9 @@ class CPCArgs:
     embed_dim: int = check(default=128, gt=0)
     context_layers: int = check(default=2, ge=1)  # masked residual convolutions
     context_kernel: int = check(default=3, ge=2)
+    # CPC v2's patch augmentation against low-level shortcuts (Hénaff et al. 2019, Sec. 4.1, after
+    # Doersch et al. 2015): each training patch keeps one colour channel with this probability
+    colour_dropping: float = check(default=0.5, ge=0, le=1)
 
 
 def patch_grid(images: torch.Tensor, size: int, stride: int) -> tuple[torch.Tensor, int, int]:
@@ -131,6 +134,8 @@ class CPC(Method):
     def embeddings(self, views: torch.Tensor) -> torch.Tensor:
         """Normalised images [N, 3, H, W] -> patch embeddings on the grid [N, D, rows, cols]."""
         patches, rows, cols = patch_grid(views, self.patch_size, self.patch_stride)
+        if self.training and self.args.colour_dropping > 0:
+            patches = drop_colours(patches, self.args.colour_dropping)
         z = self.embed(self.backbone(patches))
         return z.view(len(views), rows, cols, -1).permute(0, 3, 1, 2)
 
@@ -151,6 +156,15 @@ class CPC(Method):
     def encoder(self) -> Encoder:
         pooled = PatchPooled(self.backbone, self.patch_size, self.patch_stride)
         return Encoder(pooled, self.feature_dim, self.normalize)
+
+
+def drop_colours(patches: torch.Tensor, probability: float) -> torch.Tensor:
+    """Each normalised patch [P, 3, s, s], with `probability`, keeps one random channel and has the
+    other two set to 0 (the channel mean): colour then says little about the neighbouring patch."""
+    keep = F.one_hot(torch.randint(3, (len(patches),), device=patches.device), 3).to(patches.dtype)
+    dropped = torch.rand(len(patches), device=patches.device) < probability
+    mask = torch.where(dropped[:, None], keep, torch.ones_like(keep))
+    return patches * mask[:, :, None, None]
 
 
 def patch_geometry(args: CPCArgs, image_size: int) -> tuple[int, int]:

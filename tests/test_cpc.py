@@ -64,3 +64,18 @@ def test_prediction_steps_beyond_the_grid_are_a_validation_error(tiny_raw):
         build_study(tiny_raw)
     tiny_raw["method_args"] = {"prediction_steps": 6}
     assert build_study(tiny_raw).method_args["prediction_steps"] == 6
+
+
+def test_colour_dropping_keeps_one_channel_of_the_dropped_patches():
+    # CPC v2 (Hénaff et al. 2019, Sec. 4.1): patches lose two of their three colour channels
+    from sslab.methods.cpc import drop_colours
+
+    torch.manual_seed(0)
+    patches = torch.randn(400, 3, 4, 4)
+    out = drop_colours(patches, 0.5)
+    zeroed = (out.abs().flatten(2).sum(-1) == 0).sum(1)  # channels set to 0, per patch
+    assert set(zeroed.tolist()) == {0, 2}
+    assert 150 < (zeroed == 2).sum() < 250  # about half the patches
+    untouched = zeroed == 0
+    assert torch.equal(out[untouched], patches[untouched])
+    assert torch.equal(drop_colours(patches, 0.0), patches)
