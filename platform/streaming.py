@@ -32,7 +32,7 @@ class ImageFiles:
     path resizes them (so both paths train on the same pixels)."""
 
     def __init__(self, files: list[Path], size: int, max_bad_fraction: float = 0.01):
-        self.files = [Path(f) for f in files]
+        self.files = [str(f) for f in files]  # str: a third of a Path's memory per file
         self.size = size
         self.max_bad_fraction = max_bad_fraction
         self.bad: set[str] = set()
@@ -72,9 +72,9 @@ class ImageFiles:
         images, bad = [], []
         for i in positions:
             try:
-                images.append(_read_image(self.files[i], self.size))
+                images.append(_read_image(Path(self.files[i]), self.size))
             except (DataError, OSError, RuntimeError) as err:
-                bad.append(str(err) if str(self.files[i]) in str(err) else f"{self.files[i]}: {err}")
+                bad.append(str(err) if self.files[i] in str(err) else f"{self.files[i]}: {err}")
         if not images:
             raise TooManyBadFiles(f"no readable image in a batch: {'; '.join(bad)}")
         good = len(images)
