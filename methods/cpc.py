@@ -26,7 +26,7 @@ class CPCArgs:
     embed_dim: int = check(default=128, gt=0)
     context_layers: int = check(default=2, ge=1)  # masked residual convolutions
     context_kernel: int = check(default=3, ge=2)
-    # CPC v2's patch augmentation against low-level shortcuts (Hénaff et al. 2019, Sec. 4.1, after
+    # CPC v2's patch-based augmentation against low-level shortcuts (Hénaff et al. 2019, after
     # Doersch et al. 2015): each training patch keeps one colour channel with this probability
     colour_dropping: float = check(default=0.5, ge=0, le=1)
 

@@ -67,7 +67,7 @@ def test_prediction_steps_beyond_the_grid_are_a_validation_error(tiny_raw):
 
 
 def test_colour_dropping_keeps_one_channel_of_the_dropped_patches():
-    # CPC v2 (Hénaff et al. 2019, Sec. 4.1): patches lose two of their three colour channels
+    # CPC v2's patch-based augmentation (Hénaff et al. 2019): patches lose two of three colour channels
     from sslab.methods.cpc import drop_colours
 
     torch.manual_seed(0)
