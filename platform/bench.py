@@ -233,20 +233,15 @@ def _streaming_bench(args, study, data, device) -> dict:
     prefetch depth), so the timed steps are its sustained rate, not a full prefetch buffer."""
     import statistics
 
-    from sslab.platform.data import _subset_indices, scan_image_folder
+    from sslab.platform.data import scan_image_folder, subset_items
     from sslab.platform.streaming import ImageFiles, epoch_batches
 
     if args.data != "imagefolder":
         raise SystemExit("sslab bench --streaming needs --data imagefolder --root DIR (files to stream)")
     method = build_method(study, data, device, total_steps=1_000_000)
     optimizer = build_optimizer(method, study.train)
-    items = scan_image_folder(Path(args.root).expanduser().resolve()).train
-    keep = (
-        _subset_indices(len(items), args.images, 0).tolist()
-        if args.images < len(items)
-        else range(len(items))
-    )
-    files = ImageFiles([items[i][0] for i in keep], data.image_size)
+    items = subset_items(scan_image_folder(Path(args.root).expanduser().resolve()).train, args.images, 0)
+    files = ImageFiles([f for f, _ in items], data.image_size)  # the files of `data`'s subset
     gen = torch.Generator().manual_seed(0)
     draw = lambda: torch.randint(len(files), (args.batch_size,), generator=gen)
     lead = 2 * max(1, args.loader_workers)

@@ -111,6 +111,19 @@ def _subset(
     return images[keep], labels[keep], captions and [captions[i] for i in keep.tolist()]
 
 
+def subset_items(items: tuple, size: int | None, seed: int) -> tuple:
+    """The `_subset_indices` of a tuple of files (or clip windows), taken before anything is
+    decoded (`_load` then finds the split already small enough)."""
+    if size is None or size >= len(items):
+        return items
+    return tuple(items[i] for i in _subset_indices(len(items), size, seed).tolist())
+
+
+def no_labels(count: int) -> torch.Tensor:
+    """Labels of data that has none (clips have masks, not classes): -1 each."""
+    return torch.full((count,), -1, dtype=torch.long)
+
+
 def _subset_indices(total: int, size: int, seed: int) -> torch.Tensor:
     """The same `size` items for the same (total, seed), whatever else changes."""
     generator = torch.Generator().manual_seed(seed)
@@ -276,8 +289,7 @@ def _split(cfg: DataConfig, split_dir: Path, items: tuple[tuple[Path, int], ...]
     `ImageFiles` read per batch where `data.loading` says to stream."""
     from sslab.platform.streaming import ImageFiles
 
-    if subset is not None and subset < len(items):
-        items = tuple(items[i] for i in _subset_indices(len(items), subset, cfg.seed).tolist())
+    items = subset_items(items, subset, cfg.seed)
     if not streams(cfg, len(items)):
         return _decode_split(split_dir, items, cfg.image_size, None, cfg.seed)
     labels = torch.tensor([label for _, label in items], dtype=torch.long)
@@ -357,12 +369,11 @@ def _clip_windows(split: Path, length: int, masks: bool) -> tuple:
 def _videofolder(cfg: DataConfig) -> Dataset:
     root = Path(cfg.root).expanduser().resolve()
     train, test = scan_video_folder(root, cfg.clip_length)
-    train = _window_subset(train, cfg.subset, cfg.seed)
-    test = _window_subset(test, cfg.test_subset, cfg.seed)
+    train = subset_items(train, cfg.subset, cfg.seed)
+    test = subset_items(test, cfg.test_subset, cfg.seed)
     frames = lambda files: torch.stack([_read_image(f, cfg.image_size) for f in files])
     test_frames = torch.stack([frames([f for f, _ in w]) for w in test])
     test_masks = torch.stack([torch.stack([_read_mask(m, cfg.image_size) for _, m in w]) for w in test])
-    no_labels = lambda n: torch.full((n,), -1, dtype=torch.long)
     train_frames = torch.stack([frames(w) for w in train])
     return Dataset(
         f"videofolder:{root.name}",
@@ -373,13 +384,6 @@ def _videofolder(cfg: DataConfig) -> Dataset:
         no_labels(len(test)),
         test_masks=test_masks,
     )
-
-
-def _window_subset(windows: tuple, size: int | None, seed: int) -> tuple:
-    """The subset is taken here, before decoding (`_load` then finds it already small enough)."""
-    if size is None or size >= len(windows):
-        return windows
-    return tuple(windows[i] for i in _subset_indices(len(windows), size, seed).tolist())
 
 
 def _read_mask(path: Path, size: int) -> torch.Tensor:

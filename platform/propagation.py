@@ -64,6 +64,17 @@ def propagate(
     return torch.stack(predicted).to(first_mask.dtype)
 
 
+def propagate_clip(dense_features, frames: torch.Tensor, first_mask: torch.Tensor, device, eval_cfg):
+    """`propagate` on one clip's uint8 frames [T, 3, H, W] with the study's `eval.propagation_*`."""
+    return propagate(
+        dense_features(frames.to(device)).cpu(),
+        first_mask,
+        eval_cfg.propagation_temperature,
+        eval_cfg.propagation_topk,
+        eval_cfg.propagation_context,
+    )
+
+
 def region_similarity(predicted: torch.Tensor, truth: torch.Tensor) -> float:
     """DAVIS's J of one clip: for each object of the first frame, the IoU of predicted and true
     masks averaged over frames 1..T-1 (an object absent from both counts as 1), then averaged
@@ -87,13 +98,7 @@ def propagation_scores(
     first mask (`copy_first_j`). `dense_features`: uint8 frames [T, 3, H, W] -> [T, D, h, w]."""
     propagated, copied = [], []
     for clip, truth in zip(clips, masks):
-        predicted = propagate(
-            dense_features(clip.to(device)).cpu(),
-            truth[0],
-            eval_cfg.propagation_temperature,
-            eval_cfg.propagation_topk,
-            eval_cfg.propagation_context,
-        )
+        predicted = propagate_clip(dense_features, clip, truth[0], device, eval_cfg)
         propagated.append(region_similarity(predicted, truth))
         copied.append(region_similarity(truth[:1].expand_as(truth), truth))
     mean = lambda values: float(torch.tensor(values).nanmean())
@@ -114,11 +119,5 @@ def propagation_strip(dense_features, data, device: torch.device, eval_cfg, clip
     from sslab.methods.base import image_grid
 
     frames, truth = data.test_images[clip], data.test_masks[clip]
-    predicted = propagate(
-        dense_features(frames.to(device)).cpu(),
-        truth[0],
-        eval_cfg.propagation_temperature,
-        eval_cfg.propagation_topk,
-        eval_cfg.propagation_context,
-    )
+    predicted = propagate_clip(dense_features, frames, truth[0], device, eval_cfg)
     return image_grid([frames.float() / 255, overlay(frames, truth), overlay(frames, predicted)])

@@ -51,10 +51,6 @@ class ImageFiles:
     def dim(self) -> int:
         return 4
 
-    def nbytes_in_memory(self) -> int:
-        """What the in-memory path would hold for these files."""
-        return len(self.files) * 3 * self.size * self.size
-
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(index, slice):
             positions = range(*index.indices(len(self.files)))

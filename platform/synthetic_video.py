@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sslab.platform.config import DataConfig
-from sslab.platform.data import Dataset
+from sslab.platform.data import Dataset, no_labels
 
 SHAPES = ("disk", "square", "diamond")  # the unit balls of the L2, L-inf and L1 norms
 
@@ -25,7 +25,6 @@ def synthetic_video(cfg: DataConfig) -> Dataset:
     generator = torch.Generator().manual_seed(cfg.seed)
     train, _ = clips(cfg.train_size, cfg.clip_length, cfg.image_size, generator)
     test, test_masks = clips(cfg.test_size, cfg.clip_length, cfg.image_size, generator)
-    no_labels = lambda n: torch.full((n,), -1, dtype=torch.long)  # clips have masks, not classes
     return Dataset(
         "synthetic_video",
         [],

@@ -381,10 +381,6 @@ class Trainer:
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.study.train.epochs
 
-    @property
-    def local_batch(self) -> int:
-        return self.study.train.batch_size // self.runtime.world_size
-
     def learning_rate(self) -> float:
         train = self.study.train
         warmup = int(train.warmup_epochs * self.steps_per_epoch)
