@@ -63,9 +63,12 @@ def resolve_views(declared: dict[str, View], overrides: AugmentConfig) -> dict[s
 def build_views(
     declared: dict[str, View], overrides: AugmentConfig, image_size: int, normalize: Normalize
 ) -> dict[str, Augment]:
+    """The views drawn at least once (validation skips the others too: SwAV's local crops at
+    32 px, drawn 0 times, may hold a crop range a study's `augment.crop_scale_min` inverts)."""
     return {
         name: Augment(view.recipe, view.size or image_size, normalize)
         for name, view in resolve_views(declared, overrides).items()
+        if view.count
     }
 
 

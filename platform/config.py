@@ -76,8 +76,15 @@ class DataConfig:
     loading: Literal["auto", "memory", "stream"] = "auto"
     memory_limit_mb: float = check(default=8192, gt=0)
     stream_workers: int = check(default=2, ge=0)
+    # Who decodes streamed batches: DataLoader processes of each training process, or Ray Data
+    # tasks anywhere on the cluster (trials on Ray; in-process the plain iterator). Same order.
+    stream_engine: Literal["dataloader", "ray_data"] = "dataloader"
     # Streaming: unreadable files are skipped with a warning; more than this fraction fails the run.
     max_bad_fraction: float = check(default=0.01, ge=0, le=1)
+    # Streaming: pretraining batches decoded at this size (e.g. 256 for images stored at ~256 px),
+    # so the method's random crops come from the stored detail, then go down to image_size.
+    # None: decoded at image_size (crops from the shrunk square). Evaluation reads image_size.
+    source_size: Optional[int] = check(default=None, ge=8)
 
 
 @dataclass
@@ -572,6 +579,37 @@ def _check_data_kind(study: StudyConfig, method_cls, source: str) -> None:
         raise ConfigError(source, "data.clip_length", problem)
 
 
+def _check_source_size(data: DataConfig, source: str) -> None:
+    """Crops from the stored resolution are read from the pretraining files each batch."""
+    from sslab.platform.data import STL10_UNLABELED
+
+    if data.source_size is None:
+        return
+    if data.source_size < data.image_size:
+        raise ConfigError(
+            source,
+            "data.source_size",
+            f"{data.source_size} is below data.image_size={data.image_size}: crops are taken from "
+            "it down to image_size",
+        )
+    pretrain_files = data.pretrain not in (None, STL10_UNLABELED) or (
+        data.pretrain is None and data.name == "imagefolder"
+    )
+    if not pretrain_files:
+        raise ConfigError(
+            source,
+            "data.source_size",
+            "decodes the pretraining image files per batch: they are not files here "
+            "(imagefolder, or a data.pretrain folder, has them)",
+        )
+    if data.loading == "memory":
+        raise ConfigError(
+            source,
+            "data.source_size",
+            "needs the pretraining files streamed (data.loading: auto or stream), not held in memory",
+        )
+
+
 def _check_data(data: DataConfig, source: str) -> None:
     _check_pretrain(data, source)
     from sslab.platform.data import STL10_UNLABELED
@@ -584,6 +622,7 @@ def _check_data(data: DataConfig, source: str) -> None:
             f"'stream' reads image files: data.name {data.name!r} has none "
             "(imagefolder, or a data.pretrain folder, streams)",
         )
+    _check_source_size(data, source)
     if data.name in ("synthetic", "synthetic_video"):
         return
     if data.root is None:

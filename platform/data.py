@@ -30,8 +30,8 @@ class Dataset:
     train_captions: list[str] | None = None  # one per image, where the data has them
     test_captions: list[str] | None = None
     class_prompts: list[list[str]] | None = None  # per class, captions that describe it (zero-shot)
-    # Unlabelled images pretraining draws from instead of train_images (`data.pretrain`); the
-    # labelled splits then serve evaluation only.
+    # Images pretraining draws from instead of train_images: unlabelled ones (`data.pretrain`; the
+    # labelled splits then serve evaluation only), or the training files larger (`data.source_size`).
     pretrain_images: torch.Tensor | None = None
     # Video only: the instance id of every pixel of every test frame (0: background), uint8
     # [M, T, H, W]; evaluation propagates the first frame's through the clip.
@@ -61,9 +61,11 @@ class Dataset:
                 f"{self.name}: {len(self.train_images)} train / {len(self.test_images)} test clips of "
                 f"{self.train_images.shape[1]} frames, {self.image_size}px"
             )
-        pretrain = (
-            "" if self.pretrain_images is None else f"pretraining on {len(self.pretrain_images)} unlabelled, "
-        )
+        pretrain = ""
+        if self.pretrain_images is not None:
+            crops = self.pretrain_images.shape[-1]
+            crops = "" if crops == self.image_size else f" (crops from {crops}px)"
+            pretrain = f"pretraining on {len(self.pretrain_images)}{crops}, "
         return (
             f"{self.name}: {pretrain}{len(self.train_images)} train / {len(self.test_images)} test, "
             f"{len(self.classes)} classes, {self.image_size}px"
@@ -99,6 +101,8 @@ def _load(cfg: DataConfig) -> Dataset:
     )
     if cfg.pretrain is not None:
         data.pretrain_images = load_pretrain_images(cfg)
+    if cfg.source_size is not None:  # the same files, decoded larger for the crops (validated: files)
+        data.pretrain_images = data.ssl_images.at_size(cfg.source_size)
     return data
 
 
@@ -225,10 +229,13 @@ def scan_unlabelled_folder(root: Path) -> tuple[Path, ...]:
     return files
 
 
-def streams(cfg: DataConfig, count: int) -> bool:
-    """Whether a split of `count` image files is decoded per batch rather than held in memory."""
+def streams(cfg: DataConfig, count: int, pretraining: bool = False) -> bool:
+    """Whether a split of `count` image files is decoded per batch rather than held in memory
+    (the pretraining split always is where `data.source_size` asks for crops from the files)."""
     if cfg.loading != "auto":
         return cfg.loading == "stream"
+    if pretraining and cfg.source_size is not None:
+        return True
     return count * 3 * cfg.image_size**2 > cfg.memory_limit_mb * 2**20
 
 
@@ -243,7 +250,7 @@ def load_pretrain_images(cfg: DataConfig) -> torch.Tensor:
         return images if images.shape[-1] == cfg.image_size else _resize(images, cfg.image_size)
     root = Path(cfg.pretrain).expanduser().resolve()
     items = tuple((f, -1) for f in scan_unlabelled_folder(root))
-    return _split(cfg, root, items, cfg.pretrain_subset)[0]
+    return _split(cfg, root, items, cfg.pretrain_subset, pretraining=True)[0]
 
 
 def _resize(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
@@ -279,18 +286,24 @@ def train_set_size(cfg: DataConfig) -> int | None:
 def _imagefolder(cfg: DataConfig) -> Dataset:
     root = Path(cfg.root).expanduser().resolve()
     scan = scan_image_folder(root)
-    train = _split(cfg, root / "train", scan.train, cfg.subset)
+    train = _split(cfg, root / "train", scan.train, cfg.subset, pretraining=cfg.pretrain is None)
     test = _split(cfg, root / "test", scan.test, cfg.test_subset)
     return Dataset(f"imagefolder:{root.name}", list(scan.classes), *train, *test)
 
 
-def _split(cfg: DataConfig, split_dir: Path, items: tuple[tuple[Path, int], ...], subset: int | None):
+def _split(
+    cfg: DataConfig,
+    split_dir: Path,
+    items: tuple[tuple[Path, int], ...],
+    subset: int | None,
+    pretraining: bool = False,
+):
     """(images, labels) of a split's files (after `subset`): decoded into memory, or as
     `ImageFiles` read per batch where `data.loading` says to stream."""
     from sslab.platform.streaming import ImageFiles
 
     items = subset_items(items, subset, cfg.seed)
-    if not streams(cfg, len(items)):
+    if not streams(cfg, len(items), pretraining):
         return _decode_split(split_dir, items, cfg.image_size, None, cfg.seed)
     labels = torch.tensor([label for _, label in items], dtype=torch.long)
     return ImageFiles([f for f, _ in items], cfg.image_size, cfg.max_bad_fraction), labels

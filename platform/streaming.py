@@ -10,13 +10,19 @@ A file that cannot be decoded is skipped with a warning naming it (its place in 
 taken by the batch's next readable image) and counted; past `max_bad_fraction` of the files the
 run fails, naming the last one.
 
-Not Ray Data, deliberately: an epoch's order here is the same pure function of (seed, epoch)
-as the in-memory path's, sliced per rank, so a resumed epoch continues exactly where it stopped
-and every image goes to one rank once per epoch; Ray Data's streaming split gives neither.
+The decoding runs in DataLoader worker processes of each training process (`data.stream_engine:
+dataloader`), or as Ray Data tasks anywhere on the cluster (`ray_data`, where the trial runs on
+Ray; in-process it falls back to the plain iterator). Either way an epoch's order is the same
+pure function of (seed, epoch) as the in-memory path's, sliced per rank, so a resumed epoch
+continues exactly where it stopped and every image goes to one rank once per epoch. That is why
+each rank hands Ray Data its own ordered batches rather than reading `ray.train.get_dataset_shard`:
+a streaming split assigns blocks to ranks as they ask for them, in no fixed order, which gives
+neither guarantee.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -39,6 +45,12 @@ class ImageFiles:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def at_size(self, size: int) -> ImageFiles:
+        """The same files decoded at `size` (the bad ones found so far stay known)."""
+        other = ImageFiles([], size, self.max_bad_fraction)
+        other.files, other.bad = self.files, self.bad
+        return other
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -63,20 +75,7 @@ class ImageFiles:
     def decode(self, positions) -> tuple[torch.Tensor, list[str]]:
         """(the images at `positions`, the files among them that could not be read). Runs in
         DataLoader workers too: the accounting is the caller's (`account`), in one process."""
-        from sslab.platform.data import DataError, _read_image
-
-        images, bad = [], []
-        for i in positions:
-            try:
-                images.append(_read_image(Path(self.files[i]), self.size))
-            except (DataError, OSError, RuntimeError) as err:
-                bad.append(str(err) if self.files[i] in str(err) else f"{self.files[i]}: {err}")
-        if not images:
-            raise TooManyBadFiles(f"no readable image in a batch: {'; '.join(bad)}")
-        good = len(images)
-        while len(images) < len(positions):  # a bad file's place: the batch's next readable image
-            images.append(images[len(images) % good])
-        return torch.stack(images), bad
+        return decode_files([self.files[i] for i in positions], self.size)
 
     def account(self, bad: list[str]) -> None:
         """Warns about each unreadable file once and fails past `max_bad_fraction` of them."""
@@ -92,6 +91,24 @@ class ImageFiles:
                     f"{len(self.bad)} of {len(self.files)} files are unreadable, more than "
                     f"data.max_bad_fraction={self.max_bad_fraction} (the last: {problem})"
                 )
+
+
+def decode_files(files: list[str], size: int) -> tuple[torch.Tensor, list[str]]:
+    """(the files as uint8 [n, 3, size, size], the problems of those that could not be read)."""
+    from sslab.platform.data import DataError, _read_image
+
+    images, bad = [], []
+    for file in files:
+        try:
+            images.append(_read_image(Path(file), size))
+        except (DataError, OSError, RuntimeError) as err:
+            bad.append(str(err) if file in str(err) else f"{file}: {err}")
+    if not images:
+        raise TooManyBadFiles(f"no readable image in a batch: {'; '.join(bad)}")
+    good = len(images)
+    while len(images) < len(files):  # a bad file's place: the batch's next readable image
+        images.append(images[len(images) % good])
+    return torch.stack(images), bad
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -123,12 +140,22 @@ class _Batches(torch.utils.data.Dataset):
         return self.images.decode(self.indices[i].tolist())
 
 
-def epoch_batches(images, indices: list[torch.Tensor], workers: int = 2, device: torch.device | None = None):
+def epoch_batches(
+    images,
+    indices: list[torch.Tensor],
+    workers: int = 2,
+    device: torch.device | None = None,
+    engine: str = "dataloader",
+):
     """The batches `indices` names, in order: indexed at once from a tensor, or decoded from
-    files by `workers` processes a few batches ahead (0: in this process)."""
+    files a few batches ahead by `workers` DataLoader processes (0: in this process) or, with
+    `engine="ray_data"` on a Ray cluster, by up to `workers` Ray Data tasks."""
     if not isinstance(images, ImageFiles):
         for index in indices:
             yield images[index.to(images.device)]
+        return
+    if stream_decoder(images, engine) == "ray_data":
+        yield from _ray_data_batches(images, indices, workers)
         return
     if workers == 0:
         for index in indices:
@@ -145,3 +172,41 @@ def epoch_batches(images, indices: list[torch.Tensor], workers: int = 2, device:
     for batch, bad in loader:
         images.account(bad)
         yield batch
+
+
+def stream_decoder(images, engine: str) -> str | None:
+    """Who decodes training batches of `images`: None (a tensor in memory), "dataloader" or
+    "ray_data" (asked for, and this process is on a Ray cluster: Ray Train / Tune workers are)."""
+    if not isinstance(images, ImageFiles):
+        return None
+    if engine == "ray_data":
+        import ray
+
+        if ray.is_initialized():
+            return "ray_data"
+    return "dataloader"
+
+
+def _decode_row(row: dict, size: int) -> dict:
+    images, bad = decode_files(list(row["files"]), size)
+    return {"images": images.numpy(), "bad": "\n".join(bad)}
+
+
+def _ray_data_batches(images: ImageFiles, indices: list[torch.Tensor], workers: int):
+    """One Ray Data row per batch (its files), decoded by tasks and delivered in this order."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # the epoch's order is ours, not arrival order
+    context.enable_progress_bars = False
+    rows = [{"files": [images.files[i] for i in index.tolist()]} for index in indices]
+    if not rows:
+        return
+    # num_cpus=0: trials hold the cluster's CPUs, and a decode task waiting for one of them never
+    # starts (measured: the epoch hangs); `concurrency` bounds the tasks instead.
+    batches = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
+        functools.partial(_decode_row, size=images.size), num_cpus=0, concurrency=max(1, workers)
+    )
+    for batch in batches.iter_batches(batch_size=1, prefetch_batches=2, batch_format="numpy"):
+        images.account([problem for problem in str(batch["bad"][0]).split("\n") if problem])
+        yield torch.from_numpy(batch["images"][0].copy())  # Ray's arrays are read-only

@@ -33,7 +33,7 @@ from sslab.platform.config import StudyConfig, TrainConfig, build_study, get_dot
 from sslab.platform.data import Dataset, atomic_torch_save, load_dataset
 from sslab.platform.evaluate import eval_mode, run_protocols
 from sslab.platform.optim import build_optimizer, cosine_schedule, scaled_lr
-from sslab.platform.streaming import epoch_batches, epoch_order, rank_batches
+from sslab.platform.streaming import epoch_batches, epoch_order, rank_batches, stream_decoder
 from sslab.platform.tracking import TrialTracking
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -451,6 +451,9 @@ def train_loop(config: dict) -> dict:
     logger = TrialLogger(config.get("tracking"), runtime, study)
     if method.uses_labels():
         logger.tag("sslab.uses_labels", method.uses_labels())
+    decoder = stream_decoder(data.ssl_images, study.data.stream_engine)
+    if decoder:
+        logger.tag("sslab.stream_decoder", decoder)
     say(
         runtime,
         f"{study.method} on {data.describe()}; {train.epochs} epochs x {steps_per_epoch} steps, "
@@ -620,7 +623,10 @@ def run_epoch(trainer: Trainer, epoch: int) -> dict:
     # Augmentation draws: fresh per epoch, rank and (after a resume) starting step.
     torch.manual_seed(train.seed * 1_000_003 + epoch * 1009 + runtime.rank + first * 7919)
     meter, started = EpochMeter(), time.perf_counter()
-    batches = epoch_batches(images_of, indices, trainer.study.data.stream_workers, runtime.device)
+    data_cfg = trainer.study.data
+    batches = epoch_batches(
+        images_of, indices, data_cfg.stream_workers, runtime.device, data_cfg.stream_engine
+    )
     for i, (index, images) in enumerate(zip(indices, batches), start=first):
         lr = trainer.learning_rate()
         for group in trainer.optimizer.param_groups:

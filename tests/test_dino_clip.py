@@ -191,7 +191,7 @@ def test_views_are_declared_and_every_study_override_reaches_them(tiny_raw):
 
     tiny_raw.update(
         method="dino",
-        method_args={"out_dim": 16, "local_crop_size": 8},
+        method_args={"out_dim": 16, "local_crop_size": 8, "local_crops": 2},
         augment={"jitter_p": 0.5, "views": {"local": {"crop_scale_min": 0.1}}},
     )
     study = build_study(tiny_raw)
@@ -222,3 +222,17 @@ def test_view_overrides_are_validated(tiny_raw, augment, key):
     tiny_raw.update(method="dino", augment=augment, method_args={"local_crops": 2})
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         build_study(tiny_raw)
+
+
+def test_a_view_drawn_zero_times_is_not_built(tiny_raw):
+    """SwAV at 16 px draws no local crops; a study-wide crop_scale_min above their 0.14 maximum
+    (methods_compare's 0.2) is then no error, and the method builds and trains (it crashed)."""
+    from sslab.platform.train import build_method
+
+    tiny_raw.update(method="swav", augment={"crop_scale_min": 0.2}, method_args={"num_prototypes": 16})
+    study = build_study(tiny_raw)
+    data = load_dataset(study.data)
+    swav = build_method(study, data, torch.device("cpu"), total_steps=10)
+    assert set(swav.views) == {"global"} and swav.views["global"].recipe.crop_scale_min == 0.2
+    loss, _ = swav.training_step(data.train_images[:8], step=0)
+    assert torch.isfinite(loss)

@@ -11,6 +11,7 @@ from sslab.platform.config import build_study
 from sslab.platform.report import build_report
 from sslab.platform.study import ray_share, run_study, trial_resources
 from sslab.platform.tracking import Tracker
+from test_streaming import write_folder
 
 pytestmark = pytest.mark.ray
 
@@ -70,10 +71,20 @@ def test_parallel_seed_trials_each_get_a_finished_child_run(ray_cluster, tmp_pat
 # Through Ray Train for real on 2 gloo workers: SimCLR gathers across ranks with gradients, MoCo
 # gathers keys and shuffles BN across ranks. Every method's collectives (DINO's centre, CLIP's,
 # the baselines' global statistics) run on 2 ranks in tests/test_ddp.py, without Ray's ~25 s a fit.
+# SimCLR's also streams an image folder through Ray Data inside the two workers.
 @pytest.mark.parametrize("method", ["simclr", "moco_v2"])
 def test_two_worker_ddp_trial_through_torch_trainer(ray_cluster, tmp_path, tiny_raw, method):
     tiny_raw["train"].update(num_workers=2)
     tiny_raw["method"] = method
+    if method == "simclr":
+        write_folder(tmp_path / "folder", classes=2, per_class=64)
+        tiny_raw["data"] = {
+            "name": "imagefolder",
+            "root": str(tmp_path / "folder"),
+            "image_size": tiny_raw["data"]["image_size"],
+            "loading": "stream",
+            "stream_engine": "ray_data",
+        }
     result = _run(tmp_path, tiny_raw)
     assert result["status"] == "FINISHED"
     tracker, runs = _children(result)
@@ -81,6 +92,7 @@ def test_two_worker_ddp_trial_through_torch_trainer(ray_cluster, tmp_path, tiny_
     assert sorted(m.step for m in tracker.client.get_metric_history(runs[0].info.run_id, "loss")) == [1, 2]
     config = tracker.client.download_artifacts(runs[0].info.run_id, "config.json")
     assert '"num_workers": 2' in open(config).read()
+    assert runs[0].data.tags.get("sslab.stream_decoder") == ("ray_data" if method == "simclr" else None)
 
 
 def test_ray_share_is_the_slot_time_outside_the_trials():
@@ -326,3 +338,20 @@ def test_an_interrupted_study_skips_the_trials_that_never_started():
     ran = SimpleNamespace(config=None, metrics={"sslab_trial": "seed=0"}, error=None)
     never_started = SimpleNamespace(config=None, metrics={}, error=None)
     assert trial_statuses([ran, never_started], factory=None, fixed={}) == {"seed=0": "TERMINATED"}
+
+
+def test_ray_data_decodes_the_batches_in_the_epochs_order_and_counts_bad_files(ray_cluster, tmp_path):
+    import torch
+
+    from sslab.platform.streaming import ImageFiles, epoch_batches
+
+    write_folder(tmp_path, classes=2, per_class=8)
+    files = sorted(str(f) for f in (tmp_path / "train").rglob("*.png"))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    files[5] = str(tmp_path / "broken.png")
+    streamed = ImageFiles(files, 16, max_bad_fraction=0.5)
+    indices = [torch.tensor([3, 1, 4]), torch.tensor([15, 9, 2]), torch.tensor([6, 5, 0])]
+    batches = list(epoch_batches(streamed, indices, workers=2, engine="ray_data"))
+    expected = [ImageFiles(files, 16).decode(index.tolist())[0] for index in indices]
+    assert all(torch.equal(got, want) for got, want in zip(batches, expected))
+    assert len(batches) == 3 and len(streamed.bad) == 1 and "broken.png" in next(iter(streamed.bad))

@@ -188,3 +188,72 @@ def test_streaming_what_has_no_files_is_a_config_error():
     with pytest.raises(ConfigError) as err:
         build_study(raw)
     assert err.value.key == "data.loading"
+
+
+def stripes(side: int) -> np.ndarray:
+    """Vertical black and white stripes one pixel wide: detail that shrinking to a few pixels
+    averages away to grey."""
+    row = np.where(np.arange(side) % 2 == 0, 0, 255).astype(np.uint8)
+    return np.repeat(np.repeat(row[None, :, None], side, 0), 3, 2)
+
+
+def test_crops_come_from_the_stored_resolution_with_source_size(tmp_path, monkeypatch):
+    """64 px files, training at 16 px. Without data.source_size a small crop is cut from the
+    16 px square, where the stripes are grey; with source_size 64 it is cut from the files' 64 px
+    and keeps them. Evaluation still reads 16 px, and a training run streams the 64 px batches."""
+    import sslab.platform.train as train_module
+    from sslab.platform.train import build_method
+
+    for split, count in (("train", 16), ("test", 4)):
+        for c in range(2):
+            (tmp_path / split / f"class{c}").mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(stripes(64)).save(tmp_path / split / f"class{c}" / f"{i}.png")
+    raw = folder_raw(tmp_path, "auto")
+    raw["augment"] = {"crop_scale_min": 0.06, "crop_scale_max": 0.06, "jitter_p": 0.0, "grayscale_p": 0.0}
+    contrast = {}
+    for source_size in (None, 64):
+        raw["data"]["source_size"] = source_size
+        study = build_study(raw)
+        data = load_dataset(study.data)
+        assert data.image_size == 16 and data.test_images[:].shape[-1] == 16
+        method = build_method(study, data, torch.device("cpu"), total_steps=10)
+        view = method.augment.unit(data.ssl_images[torch.arange(8)])
+        assert view.shape[-2:] == (16, 16)
+        contrast[source_size] = view.std().item()
+    assert isinstance(data.ssl_images, ImageFiles) and data.ssl_images[:1].shape[-1] == 64
+    assert torch.equal(data.ssl_images[:1][0].permute(1, 2, 0), torch.from_numpy(stripes(64)))
+    # measured 0.007 and 0.31 (stripes alone: 0.5; the warp's bilinear sampling blends neighbours)
+    assert contrast[None] < 0.05 and contrast[64] > 0.2, contrast
+
+    raw["data"]["stream_workers"] = 0
+    raw["eval"] = {"knn_k": 5, "protocols": ["knn"], "random_init_baseline": False}
+    raw["train"].update(epochs=1, report_every_steps=1)
+    shapes = []
+    real_step = train_module.train_step
+
+    def recording_step(model, method, optimizer, images, step, index, amp):
+        shapes.append(tuple(images.shape))
+        return real_step(model, method, optimizer, images, step, index, amp)
+
+    monkeypatch.setattr(train_module, "train_step", recording_step)
+    train_module.train_loop(train_module.trial_config(build_study(raw), tmp_path / "trial", None))
+    assert shapes == [(16, 3, 64, 64)] * 2
+
+
+@pytest.mark.parametrize(
+    "data, problem",
+    [
+        ({"name": "imagefolder", "image_size": 32, "source_size": 16}, "below data.image_size"),
+        ({"name": "imagefolder", "source_size": 64, "loading": "memory"}, "not held in memory"),
+        ({"name": "synthetic", "source_size": 64}, "not files here"),
+    ],
+)
+def test_source_size_errors_name_the_key(tmp_path, data, problem):
+    from sslab.platform.config import ConfigError
+
+    write_folder(tmp_path, classes=2, per_class=4)
+    raw = {**TINY, "data": dict(data, root=str(tmp_path)) if data["name"] == "imagefolder" else data}
+    with pytest.raises(ConfigError) as err:
+        build_study(raw)
+    assert err.value.key == "data.source_size" and problem in str(err.value)
