@@ -29,6 +29,9 @@ class CPCArgs:
     # CPC v2's patch-based augmentation against low-level shortcuts (Hénaff et al. 2019, after
     # Doersch et al. 2015): each training patch keeps one colour channel with this probability
     colour_dropping: float = check(default=0.5, ge=0, le=1)
+    # CPC v2 replaces batch normalisation with layer normalisation: batch statistics couple the
+    # patches of an image, a path around the context's receptive field (Hénaff et al. 2019)
+    layer_norm: bool = True
 
 
 def patch_grid(images: torch.Tensor, size: int, stride: int) -> tuple[torch.Tensor, int, int]:
@@ -119,6 +122,8 @@ class CPC(Method):
 
     def __init__(self, args: CPCArgs, ctx: MethodContext):
         super().__init__(args, ctx)
+        if args.layer_norm:
+            batch_norm_to_layer_norm(self.backbone)
         self.patch_size, self.patch_stride = patch_geometry(args, ctx.image_size)
         self.embed = nn.Linear(ctx.feature_dim, args.embed_dim)
         self.context = ContextNetwork(args.embed_dim, args.context_layers, args.context_kernel)
@@ -156,6 +161,16 @@ class CPC(Method):
     def encoder(self) -> Encoder:
         pooled = PatchPooled(self.backbone, self.patch_size, self.patch_stride)
         return Encoder(pooled, self.feature_dim, self.normalize)
+
+
+def batch_norm_to_layer_norm(module: nn.Module) -> None:
+    """Every BatchNorm2d of `module` replaced, in place, by a layer norm over each sample's
+    (C, H, W) (GroupNorm with one group), with the same affine start (1, 0)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, nn.GroupNorm(1, child.num_features))
+        else:
+            batch_norm_to_layer_norm(child)
 
 
 def drop_colours(patches: torch.Tensor, probability: float) -> torch.Tensor:

@@ -230,7 +230,9 @@ def _streaming_bench(args, study, data, device) -> dict:
     batches decoded from the same image files by `--loader-workers` processes ("stream", what
     `data.loading: stream` trains on). Each round times `--steps` consecutive steps of each; the
     stream's pipeline starts afresh every round and first runs 2 batches per worker untimed (its
-    prefetch depth), so the timed steps are its sustained rate, not a full prefetch buffer."""
+    prefetch depth), so the timed steps are its sustained rate, not a full prefetch buffer.
+    With `--ray-data`, a third path decodes the same batches as Ray Data tasks on a local Ray
+    (`data.stream_engine: ray_data`), with as many tasks at once as loader workers."""
     import statistics
 
     from sslab.platform.data import scan_image_folder, subset_items
@@ -264,16 +266,24 @@ def _streaming_bench(args, study, data, device) -> dict:
     for _ in range(args.warmup):
         index = draw()
         step(data.train_images[index.to(device)], index)
-    times = {"memory": [], "stream": []}
+    engines = {"stream": "dataloader"}
+    if args.ray_data:
+        from sslab.platform.study import start_local_ray
+
+        start_local_ray()
+        engines["stream_ray_data"] = "ray_data"
+    times = {"memory": []} | {name: [] for name in engines}
     for _ in range(args.rounds):
         indices = [draw() for _ in range(args.steps)]
         times["memory"] += timed((data.train_images[i.to(device)] for i in indices), indices)
-        indices = [draw() for _ in range(lead + args.steps)]
-        batches = epoch_batches(files, indices, args.loader_workers, device)
-        for index, images in zip(indices[:lead], batches):  # the pipeline fills, untimed
-            step(images, index)
-        times["stream"] += timed(batches, indices[lead:])
+        for name, engine in engines.items():
+            indices = [draw() for _ in range(lead + args.steps)]
+            batches = epoch_batches(files, indices, args.loader_workers, device, engine)
+            for index, images in zip(indices[:lead], batches):  # the pipeline fills, untimed
+                step(images, index)
+            times[name] += timed(batches, indices[lead:])
     seconds = {name: statistics.median(t) for name, t in times.items()}
+    cost = lambda name: seconds[name] / seconds["memory"] - 1
     return {
         "device": str(device),
         "torch": torch.__version__,
@@ -282,7 +292,9 @@ def _streaming_bench(args, study, data, device) -> dict:
         "paths": {
             name: {"seconds_per_step": s, "images_per_s": args.batch_size / s} for name, s in seconds.items()
         },
-        "ratios": {"streaming_cost_vs_memory": seconds["stream"] / seconds["memory"] - 1},
+        "ratios": {
+            f"{'streaming' if name == 'stream' else name}_cost_vs_memory": cost(name) for name in engines
+        },
     }
 
 
@@ -414,7 +426,6 @@ def _precision_paths(args, study, data, device):
 def format_result(result: dict) -> str:
     s = result["settings"]
     if s.get("streaming"):
-        cost = result["ratios"]["streaming_cost_vs_memory"]
         return "\n".join(
             [
                 f"device: {result['device']}, torch {result['torch']}, {result['threads']} threads; "
@@ -422,10 +433,14 @@ def format_result(result: dict) -> str:
                 f"{s['loader_workers']} decoders, median of {s['rounds']} rounds x {s['steps']} steps",
             ]
             + [
-                f"{name:<8}{p['seconds_per_step']:>9.4f} s/step{p['images_per_s']:>9.0f} images/s"
+                f"{name:<16}{p['seconds_per_step']:>9.4f} s/step{p['images_per_s']:>9.0f} images/s"
                 for name, p in result["paths"].items()
             ]
-            + [f"streaming costs {100 * cost:+.1f}% per step against the in-memory tensor"]
+            + [
+                f"{name.removesuffix('_cost_vs_memory')} costs {100 * cost:+.1f}% per step against "
+                "the in-memory tensor"
+                for name, cost in result["ratios"].items()
+            ]
         )
     lines = [
         f"device: {result['device']}, torch {result['torch']}, {result['threads']} threads",
@@ -499,6 +514,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--epoch-images", type=int, default=50_000, help="images per epoch for s/epoch (CIFAR-10: 50k)"
     )
     p.add_argument("--loader-workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument(
+        "--ray-data",
+        action="store_true",
+        help="with --streaming: also decode through Ray Data tasks on a local Ray (data.stream_engine)",
+    )
     p.add_argument(
         "--streaming",
         action="store_true",

@@ -203,9 +203,11 @@ def _ray_data_batches(images: ImageFiles, indices: list[torch.Tensor], workers: 
     if not rows:
         return
     # num_cpus=0: trials hold the cluster's CPUs, and a decode task waiting for one of them never
-    # starts (measured: the epoch hangs); `concurrency` bounds the tasks instead.
+    # starts (measured: the epoch hangs); the task pool's size bounds them instead.
     batches = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
-        functools.partial(_decode_row, size=images.size), num_cpus=0, concurrency=max(1, workers)
+        functools.partial(_decode_row, size=images.size),
+        num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=max(1, workers)),
     )
     for batch in batches.iter_batches(batch_size=1, prefetch_batches=2, batch_format="numpy"):
         images.account([problem for problem in str(batch["bad"][0]).split("\n") if problem])

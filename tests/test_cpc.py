@@ -79,3 +79,19 @@ def test_colour_dropping_keeps_one_channel_of_the_dropped_patches():
     untouched = zeroed == 0
     assert torch.equal(out[untouched], patches[untouched])
     assert torch.equal(drop_colours(patches, 0.0), patches)
+
+
+def test_a_patch_embedding_does_not_depend_on_the_rest_of_the_batch(make_method):
+    """CPC v2's layer normalisation (Hénaff et al. 2019, replacing batch norm): in training mode
+    an image's patch embeddings are the same whatever else is in the batch. With batch norm they
+    are not: the batch statistics are the coupling between patches the paper removes."""
+    torch.manual_seed(0)
+    cpc, data = make_method("cpc", colour_dropping=0.0)
+    cpc.train()
+    x = cpc.normalize(data.train_images[:8])
+    alone, together = cpc.embeddings(x[:2]), cpc.embeddings(x)[:2]
+    assert torch.allclose(alone, together, atol=1e-5)
+    with_batch_norm, _ = make_method("cpc", colour_dropping=0.0, layer_norm=False)
+    with_batch_norm.train()
+    alone, together = with_batch_norm.embeddings(x[:2]), with_batch_norm.embeddings(x)[:2]
+    assert not torch.allclose(alone, together, atol=1e-3)

@@ -6,12 +6,12 @@ import os
 import re
 
 import pytest
+from test_streaming import write_folder
 
 from sslab.platform.config import build_study
 from sslab.platform.report import build_report
 from sslab.platform.study import ray_share, run_study, trial_resources
 from sslab.platform.tracking import Tracker
-from test_streaming import write_folder
 
 pytestmark = pytest.mark.ray
 
