@@ -33,6 +33,7 @@ class Dataset:
     # Images pretraining draws from instead of train_images: unlabelled ones (`data.pretrain`; the
     # labelled splits then serve evaluation only), or the training files larger (`data.source_size`).
     pretrain_images: torch.Tensor | None = None
+    pretrain_labelled: bool = False  # pretrain_images are train_images' files (`data.source_size`)
     # Video only: the instance id of every pixel of every test frame (0: background), uint8
     # [M, T, H, W]; evaluation propagates the first frame's through the clip.
     test_masks: torch.Tensor | None = None
@@ -63,9 +64,12 @@ class Dataset:
             )
         pretrain = ""
         if self.pretrain_images is not None:
+            what = (
+                "the training images" if self.pretrain_labelled else f"{len(self.pretrain_images)} unlabelled"
+            )
             crops = self.pretrain_images.shape[-1]
             crops = "" if crops == self.image_size else f" (crops from {crops}px)"
-            pretrain = f"pretraining on {len(self.pretrain_images)}{crops}, "
+            pretrain = f"pretraining on {what}{crops}, "
         return (
             f"{self.name}: {pretrain}{len(self.train_images)} train / {len(self.test_images)} test, "
             f"{len(self.classes)} classes, {self.image_size}px"
@@ -102,6 +106,7 @@ def _load(cfg: DataConfig) -> Dataset:
     if cfg.pretrain is not None:
         data.pretrain_images = load_pretrain_images(cfg)
     if cfg.source_size is not None:  # the same files, decoded larger for the crops (validated: files)
+        data.pretrain_labelled = cfg.pretrain is None
         data.pretrain_images = data.ssl_images.at_size(cfg.source_size)
     return data
 
