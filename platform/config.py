@@ -78,7 +78,8 @@ class DataConfig:
     stream_workers: int = check(default=2, ge=0)
     # Who decodes streamed batches: DataLoader processes of each training process, or Ray Data
     # tasks anywhere on the cluster (trials on Ray; in-process the plain iterator). Same order.
-    stream_engine: Literal["dataloader", "ray_data"] = "dataloader"
+    # auto: Ray Data on a cluster of several nodes, DataLoader processes on one.
+    stream_engine: Literal["auto", "dataloader", "ray_data"] = "auto"
     # Streaming: unreadable files are skipped with a warning; more than this fraction fails the run.
     max_bad_fraction: float = check(default=0.01, ge=0, le=1)
     # Streaming: pretraining batches decoded at this size (e.g. 256 for images stored at ~256 px),

@@ -176,15 +176,26 @@ def epoch_batches(
 
 def stream_decoder(images, engine: str) -> str | None:
     """Who decodes training batches of `images`: None (a tensor in memory), "dataloader" or
-    "ray_data" (asked for, and this process is on a Ray cluster: Ray Train / Tune workers are)."""
+    "ray_data": asked for, or "auto" on a cluster of several nodes (whose other CPUs Ray Data
+    can decode on; on one node local DataLoader processes cost less: benchmarks/README.md),
+    and in both cases only where this process is on Ray (Ray Train and Tune workers are)."""
     if not isinstance(images, ImageFiles):
         return None
-    if engine == "ray_data":
-        import ray
-
-        if ray.is_initialized():
-            return "ray_data"
+    if engine != "dataloader" and _on_ray() and (engine == "ray_data" or ray_nodes() > 1):
+        return "ray_data"
     return "dataloader"
+
+
+def _on_ray() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def ray_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
 def _decode_row(row: dict, size: int) -> dict:

@@ -260,3 +260,18 @@ def test_source_size_errors_name_the_key(tmp_path, data, problem):
     with pytest.raises(ConfigError) as err:
         build_study(raw)
     assert err.value.key == "data.source_size" and problem in str(err.value)
+
+
+def test_auto_decodes_through_ray_data_only_on_a_cluster_of_several_nodes(monkeypatch):
+    import sslab.platform.streaming as streaming
+
+    files = ImageFiles(["a.png"], 16)
+    monkeypatch.setattr(streaming, "_on_ray", lambda: True)
+    for nodes, auto in ((1, "dataloader"), (3, "ray_data")):
+        monkeypatch.setattr(streaming, "ray_nodes", lambda nodes=nodes: nodes)
+        assert streaming.stream_decoder(files, "auto") == auto
+        assert streaming.stream_decoder(files, "ray_data") == "ray_data"
+        assert streaming.stream_decoder(files, "dataloader") == "dataloader"
+    monkeypatch.setattr(streaming, "_on_ray", lambda: False)  # in-process: the plain iterator
+    assert streaming.stream_decoder(files, "ray_data") == "dataloader"
+    assert streaming.stream_decoder(torch.zeros(1, 3, 16, 16), "ray_data") is None  # in memory
