@@ -13,11 +13,19 @@ TINY = {
     "method": "simclr",
     "data": {"name": "synthetic", "train_size": 256, "test_size": 128, "image_size": 16},
     "backbone": {"name": "resnet18", "width": 0.125},
-    # fp32: on CPUs with native bf16 (AMX) these tiny shapes meet a non-finite weight gradient in
-    # bf16 autocast (measured 2026-12-02: layer4's first conv at 16 px, batch 32, after other
-    # models ran in the process; its input gradient finite, so the convolution's backward).
-    # tests/test_train.py runs the bf16 switch itself.
-    "train": {"epochs": 2, "batch_size": 64, "lr": 0.1, "report_every_steps": 2, "amp": False},
+    # fp32, NCHW: on a 2-core AMX CPU (2026-12-02, torch 2.14.1) this tiny network's narrow
+    # layers hit oneDNN faults: in bf16 a non-finite conv weight gradient (16 px, batch 32, after
+    # other models ran in the process), in fp32 channels_last a heap corruption in backward
+    # (64 px: "double free", or a segfault; gone with torch.backends.mkldnn.enabled = False).
+    # tests/test_train.py runs the bf16 and channels_last switches themselves.
+    "train": {
+        "epochs": 2,
+        "batch_size": 64,
+        "lr": 0.1,
+        "report_every_steps": 2,
+        "amp": False,
+        "channels_last": False,
+    },
     "eval": {"knn_k": 20},
     "log_model": False,  # ~3 s per trial; tests/test_export.py logs and registers one
 }
