@@ -136,19 +136,16 @@ for name, raw in runs.items():  # in one process: the allocator's reuse is the s
     samples.clear()
     train_module.train_loop(train_module.trial_config(build_study(raw), f"{root}/{name}", None))
     result[name] = {"peak": max(samples), "steps": len(samples)}
-before = rss()  # what holding the large folder in memory adds
-raw = dict(runs["large"], data=dict(runs["large"]["data"], loading="memory"))
-data = load_dataset(build_study(raw).data)
-result["held"] = {"added": rss() - before, "bytes": data.ssl_images.numel()}
 print(json.dumps(result))
 """
 
 
 def test_training_streams_a_folder_larger_than_its_memory_budget(tmp_path):
     """In one process: train streaming 512 files for 128 steps, then 8,192 (16 times as many) for
-    the same 128 steps. The budget for the second: the first one's peak plus 48 MB, twice the
-    largest run-to-run growth measured (+6 to +22 MB over 3 runs; a +24 MB budget failed once).
-    It stays under it (measured -10 to +22 MB); holding the 8,192 in memory at 64 px adds 98 MB."""
+    the same 128 steps. The budget for the second: the first one's peak plus 80 MB (the growth
+    measured -41 to +50 MB over 4 runs in fp32: the allocator's pools, not the files). It stays
+    under it; the 8,192 decoded at 64 px are 96 MB, more than the budget allows. (What holding
+    them adds to the RSS after training is no check: the allocator may reuse memory training freed.)"""
     pixels = np.random.default_rng(0).integers(0, 255, (8192, 64, 64, 3), dtype=np.uint8)
     runs = {}
     for part, count in (("small", 512), ("large", 8192)):
@@ -173,14 +170,12 @@ def test_training_streams_a_folder_larger_than_its_memory_budget(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    small, large, held = result["small"], result["large"], result["held"]
-    print(
-        f"peak RSS {small['peak'] / 2**20:.1f} MB on 512 files, {large['peak'] / 2**20:.1f} MB on 8,192; "
-        f"held in memory: +{held['added'] / 2**20:.1f} MB"
-    )
+    small, large = result["small"], result["large"]
+    print(f"peak RSS {small['peak'] / 2**20:.1f} MB on 512 files, {large['peak'] / 2**20:.1f} MB on 8,192")
     assert large["steps"] == 8192 // 64  # the whole folder went through training
-    budget = small["peak"] + 48 * 2**20
-    assert held["bytes"] == 8192 * 3 * 64 * 64 and held["added"] > budget - small["peak"]
+    margin = 80 * 2**20
+    assert 8192 * 3 * 64 * 64 > margin  # holding the folder in memory would break the budget
+    budget = small["peak"] + margin
     assert large["peak"] < budget, f"peak {large['peak'] / 2**20:.0f} MB > budget {budget / 2**20:.0f} MB"
 
 
