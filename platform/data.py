@@ -67,8 +67,8 @@ class Dataset:
             what = (
                 "the training images" if self.pretrain_labelled else f"{len(self.pretrain_images)} unlabelled"
             )
-            crops = self.pretrain_images.shape[-1]
-            crops = "" if crops == self.image_size else f" (crops from {crops}px)"
+            source = self.pretrain_images.shape[-1]
+            crops = "" if source == self.image_size else f" (crops from {source}px)"
             pretrain = f"pretraining on {what}{crops}, "
         return (
             f"{self.name}: {pretrain}{len(self.train_images)} train / {len(self.test_images)} test, "
