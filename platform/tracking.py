@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 TRIAL_TAG = "sslab.trial"
+# What the per-epoch monitor logs (and schedulers may rank on): kNN of the evaluated network and
+# of the ones a method follows; mask propagation on video data.
+MONITOR = re.compile(r"(^|/|_)(knn_top[15]|propagation_j|copy_first_j)$")
 # Artifact downloads (configs, label subsets) are tiny: no progress bars in the CLI's output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 PARAM_VALUE_LIMIT = 6000

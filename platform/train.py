@@ -15,7 +15,6 @@ import dataclasses
 import inspect
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from sslab.platform.data import Dataset, atomic_torch_save, load_dataset
 from sslab.platform.evaluate import eval_mode, run_protocols
 from sslab.platform.optim import build_optimizer, cosine_schedule, scaled_lr
 from sslab.platform.streaming import epoch_batches, epoch_order, rank_batches, stream_decoder
-from sslab.platform.tracking import TrialTracking
+from sslab.platform.tracking import MONITOR, TrialTracking
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -522,11 +521,6 @@ def epoch_evaluation(trainer: Trainer, logger: TrialLogger, epoch: int, is_last:
     if study.eval.knn_every and epoch % study.eval.knn_every == 0:
         return knn_eval(method, data, study, runtime)
     return {}
-
-
-# What the per-epoch monitor logs (and schedulers may rank on): kNN of the evaluated network and
-# of the ones a method follows; mask propagation on video data.
-MONITOR = re.compile(r"(^|/|_)(knn_top[15]|propagation_j|copy_first_j)$")
 
 
 def monitor_keys(metrics: dict, prefix: str = "") -> dict:

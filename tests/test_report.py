@@ -115,3 +115,27 @@ def test_report_flags_collapse_marks_label_use_links_to_the_server_and_is_logged
     from sslab.platform.report import ui_address
 
     assert ui_address("https://mlflow.example.org/") == "https://mlflow.example.org"
+
+
+def test_a_trial_stopped_before_its_first_knn_shows_no_trained_knn(tmp_path, tracking_uri):
+    # The trainer logs the random-init kNN under knn_top1 at epoch 0 as well (curves start there):
+    # a trial killed before epoch knn_every must not report that value as its result.
+    tracker = Tracker(tracking_uri)
+    experiment = tracker.experiment("stopped", tmp_path / "artifacts")
+    parent = tracker.start_parent(experiment, "stopped-1", {"sslab.role": "study"})
+    for point, trained, status in [("lr=0.1", 0.47, "FINISHED"), ("lr=0.9", None, "KILLED")]:
+        run = tracker.client.create_run(
+            experiment,
+            tags={"mlflow.parentRunId": parent, "sslab.trial": f"{point},seed=0", "sslab.point": point},
+        ).info.run_id
+        tracker.log_params(run, {"train.seed": 0})
+        tracker.log_metrics(run, {"random_init_knn_top1": 0.23, "knn_top1": 0.23}, step=0)
+        tracker.log_metrics(run, {"loss": 1.0}, step=1)
+        if trained is not None:
+            tracker.log_metrics(run, {"knn_top1": trained}, step=5)
+        tracker.end(run, status)
+    text = (build_report("stopped", tracking_uri, tmp_path / "report") / "report.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| lr=")}
+    assert "| 47.0 | 23.0 |" in rows["lr=0.1,seed=0"]
+    assert "| KILLED | n/a | 23.0 |" in rows["lr=0.9,seed=0"]
+    assert rows["lr=0.9"].startswith("| lr=0.9 | 0 | n/a |")  # no seed with a trained kNN
