@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from sslab.platform.config import point_keys
-from sslab.platform.tracking import MONITOR, TRIAL_TAG, Tracker
+from sslab.platform.tracking import TRIAL_TAG, Tracker, monitor_keys
 from sslab.platform.verdict import expectations, judge_all, verdict
 
 CURVES = ("loss", "knn_top1", "propagation_j")
@@ -55,27 +55,30 @@ def load_study_runs(tracker: Tracker, experiment_id: str, parent, extra_curves: 
             "run_id": run.info.run_id,
         }
         row.update(run.data.metrics)
-        drop_random_init_copies(row, tracker, run)
         row["uses_labels"] = run.data.tags.get("sslab.uses_labels", "")
         row["state"] = collapse_state(run.data.metrics, params)
         rows.append(row)
         monitored = tuple(k for k in run.data.metrics if _is_monitored_knn(k))
-        for key in dict.fromkeys(CURVES + extra_curves + monitored):
-            for m in tracker.client.get_metric_history(run.info.run_id, key):
+        curve_keys = tuple(dict.fromkeys(CURVES + extra_curves + monitored))
+        copied = tuple(k for k in monitor_keys(run.data.metrics) if f"random_init_{k}" in run.data.metrics)
+        keys = dict.fromkeys(curve_keys + copied)  # each history fetched once
+        history = {k: tracker.client.get_metric_history(run.info.run_id, k) for k in keys}
+        drop_random_init_copies(row, {k: history[k] for k in copied})
+        for key in curve_keys:
+            for m in history[key]:
                 curves.append({"trial": row["trial"], "metric": key, "epoch": m.step, "value": m.value})
     trials = pd.DataFrame(rows).sort_values("trial", ignore_index=True) if rows else pd.DataFrame()
     return trials, pd.DataFrame(curves)
 
 
-def drop_random_init_copies(row: dict, tracker: Tracker, run) -> None:
+def drop_random_init_copies(row: dict, history: dict) -> None:
     """The trainer logs the random-init monitor values under the monitor's own keys at epoch 0
     too (curves start there; schedulers rank on them). A trial stopped before its first kNN
-    epoch would then show its random-init kNN as its trained result: blank such values."""
-    for key in [k for k in run.data.metrics if MONITOR.search(k) and "/" not in k]:
-        if not key.startswith("random_init_") and f"random_init_{key}" in run.data.metrics:
-            history = tracker.client.get_metric_history(run.info.run_id, key)
-            if history and max(m.step for m in history) == 0:
-                row[key] = float("nan")
+    epoch would then show its random-init kNN as its trained result: blank such values.
+    `history`: each such key's logged values."""
+    for key, values in history.items():
+        if values and max(m.step for m in values) == 0:
+            row[key] = float("nan")
 
 
 def _is_monitored_knn(key: str) -> bool:

@@ -24,6 +24,15 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 PARAM_VALUE_LIMIT = 6000
 
 
+def monitor_keys(metrics: dict, prefix: str = "") -> dict:
+    """The monitor's metrics among `metrics`, with `prefix` removed (random_init_knn_top1 -> knn_top1)."""
+    return {
+        k.removeprefix(prefix): v
+        for k, v in metrics.items()
+        if k.startswith(prefix) and MONITOR.search(k) and "/" not in k
+    }
+
+
 def default_tracking_uri(workdir: Path) -> str:
     return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 

@@ -33,7 +33,7 @@ from sslab.platform.data import Dataset, atomic_torch_save, load_dataset
 from sslab.platform.evaluate import eval_mode, run_protocols
 from sslab.platform.optim import build_optimizer, cosine_schedule, scaled_lr
 from sslab.platform.streaming import epoch_batches, epoch_order, rank_batches, stream_decoder
-from sslab.platform.tracking import MONITOR, TrialTracking
+from sslab.platform.tracking import MONITOR, TrialTracking, monitor_keys
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -521,15 +521,6 @@ def epoch_evaluation(trainer: Trainer, logger: TrialLogger, epoch: int, is_last:
     if study.eval.knn_every and epoch % study.eval.knn_every == 0:
         return knn_eval(method, data, study, runtime)
     return {}
-
-
-def monitor_keys(metrics: dict, prefix: str = "") -> dict:
-    """The monitor's metrics among `metrics`, with `prefix` removed (random_init_knn_top1 -> knn_top1)."""
-    return {
-        k.removeprefix(prefix): v
-        for k, v in metrics.items()
-        if k.startswith(prefix) and MONITOR.search(k) and "/" not in k
-    }
 
 
 def probe_epochs(study: StudyConfig) -> set[int]:
