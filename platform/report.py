@@ -65,17 +65,21 @@ def load_study_runs(tracker: Tracker, experiment_id: str, parent, extra_curves: 
         history = {k: tracker.client.get_metric_history(run.info.run_id, k) for k in keys}
         drop_random_init_copies(row, {k: history[k] for k in copied})
         for key in curve_keys:
-            for m in history[key]:
-                curves.append({"trial": row["trial"], "metric": key, "epoch": m.step, "value": m.value})
+            points = {m.step: m.value for m in history[key]}
+            start = run.data.metrics.get(f"random_init_{key}")
+            if start is not None:
+                points.setdefault(0, start)  # the monitor's curves start at the random init
+            for epoch, value in points.items():
+                curves.append({"trial": row["trial"], "metric": key, "epoch": epoch, "value": value})
     trials = pd.DataFrame(rows).sort_values("trial", ignore_index=True) if rows else pd.DataFrame()
     return trials, pd.DataFrame(curves)
 
 
 def drop_random_init_copies(row: dict, history: dict) -> None:
-    """The trainer logs the random-init monitor values under the monitor's own keys at epoch 0
-    too (curves start there; schedulers rank on them). A trial stopped before its first kNN
-    epoch would then show its random-init kNN as its trained result: blank such values.
-    `history`: each such key's logged values."""
+    """Stores written before sslab 2026-12-02 hold the random-init monitor values under the
+    monitor's own keys at epoch 0 too. A trial stopped before its first kNN epoch would then
+    show its random-init kNN as its trained result: blank such values. `history`: each such
+    key's logged values."""
     for key, values in history.items():
         if values and max(m.step for m in values) == 0:
             row[key] = float("nan")
@@ -196,8 +200,6 @@ def _plot_monitored(curves: pd.DataFrame, trials: pd.DataFrame) -> str | None:
         for metric, group in mine.groupby("metric"):
             group = group.sort_values("epoch").drop_duplicates("epoch", keep="last")
             epochs, values = list(group["epoch"]), list(group["value"])
-            if 0 not in epochs and pd.notna(start.get(f"random_init_{metric}")):
-                epochs, values = [0, *epochs], [start[f"random_init_{metric}"], *values]
             last = start.get("epoch")  # runs before the monitor's keys were logged at the end
             if pd.notna(start.get(f"eval/{metric}")) and pd.notna(last) and last not in epochs:
                 epochs, values = [*epochs, last], [*values, start[f"eval/{metric}"]]

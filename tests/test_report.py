@@ -118,8 +118,8 @@ def test_report_flags_collapse_marks_label_use_links_to_the_server_and_is_logged
 
 
 def test_a_trial_stopped_before_its_first_knn_shows_no_trained_knn(tmp_path, tracking_uri):
-    # The trainer logs the random-init kNN under knn_top1 at epoch 0 as well (curves start there):
-    # a trial killed before epoch knn_every must not report that value as its result.
+    # Stores written before 2026-12-02 hold the random-init kNN under knn_top1 at epoch 0 as
+    # well: a trial killed before epoch knn_every must not report that value as its result.
     tracker = Tracker(tracking_uri)
     experiment = tracker.experiment("stopped", tmp_path / "artifacts")
     parent = tracker.start_parent(experiment, "stopped-1", {"sslab.role": "study"})
@@ -139,3 +139,22 @@ def test_a_trial_stopped_before_its_first_knn_shows_no_trained_knn(tmp_path, tra
     assert "| 47.0 | 23.0 |" in rows["lr=0.1,seed=0"]
     assert "| KILLED | n/a | 23.0 |" in rows["lr=0.9,seed=0"]
     assert rows["lr=0.9"].startswith("| lr=0.9 | 0 | n/a |")  # no seed with a trained kNN
+
+
+def test_knn_curves_start_at_the_random_init_logged_under_its_own_key(tmp_path, tracking_uri):
+    from sslab.platform.report import find_parent, load_study_runs
+
+    tracker = Tracker(tracking_uri)
+    experiment = tracker.experiment("curves", tmp_path / "artifacts")
+    parent = tracker.start_parent(experiment, "curves-1", {"sslab.role": "study"})
+    run = tracker.client.create_run(
+        experiment, tags={"mlflow.parentRunId": parent, "sslab.trial": "seed=0", "sslab.point": "default"}
+    ).info.run_id
+    tracker.log_metrics(run, {"random_init_knn_top1": 0.23}, step=0)
+    for epoch, knn in [(5, 0.31), (10, 0.35)]:
+        tracker.log_metrics(run, {"knn_top1": knn, "loss": 1.0}, step=epoch)
+    tracker.end(run)
+    trials, curves = load_study_runs(tracker, *find_parent(tracker, "curves"))
+    knn = curves[curves["metric"] == "knn_top1"].sort_values("epoch")
+    assert list(zip(knn["epoch"], knn["value"])) == [(0, 0.23), (5, 0.31), (10, 0.35)]
+    assert trials.loc[0, "knn_top1"] == 0.35
