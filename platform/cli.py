@@ -200,11 +200,11 @@ def _export_from_checkpoint(tracker, run, folder: Path) -> Path:
     from sslab.platform.config import build_study
     from sslab.platform.data import load_dataset
     from sslab.platform.export import write_export
-    from sslab.platform.train import build_method, load_checkpoint
+    from sslab.platform.train import method_from_checkpoint
 
     study = build_study(trial_config_of(tracker, run.info.run_id), source=f"run {run.info.run_id}")
-    method = build_method(study, load_dataset(study.data), torch.device("cpu"), total_steps=1)
-    load_checkpoint(run_checkpoint(tracker, run), method, None, torch.device("cpu"))
+    checkpoint = run_checkpoint(tracker, run)
+    method, _ = method_from_checkpoint(study, load_dataset(study.data), checkpoint, torch.device("cpu"))
     write_export(method.eval(), study, folder / "encoder", run_id=run.info.run_id)
     return folder / "encoder"
 

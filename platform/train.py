@@ -220,16 +220,23 @@ def load_checkpoint(path: Path, method: Method, optimizer, device) -> tuple[int,
     raise FileNotFoundError(f"no readable checkpoint at {path} or {previous_checkpoint(path)}")
 
 
+def method_from_checkpoint(
+    study: StudyConfig, data: Dataset, checkpoint: Path | None, device: torch.device
+) -> tuple[Method, int]:
+    """The study's method with a checkpoint's weights (None: as initialised), and the epochs
+    the checkpoint had trained."""
+    method = build_method(study, data, device, total_steps=1)
+    epoch = 0 if checkpoint is None else load_checkpoint(checkpoint, method, None, device)[0]
+    return method, epoch
+
+
 def evaluate_checkpoint(
     study: StudyConfig, data: Dataset, checkpoint: Path | None, device: torch.device, prefix: str = "eval/"
 ) -> tuple[dict[str, float], dict, int]:
     """The study's protocols on a checkpoint's encoder (None: random initialisation).
     Returns (metrics, label subsets, epochs the checkpoint had trained)."""
     torch.manual_seed(study.train.seed)
-    method = build_method(study, data, device, total_steps=1)
-    epoch = 0
-    if checkpoint is not None:
-        epoch, _ = load_checkpoint(checkpoint, method, None, device)
+    method, epoch = method_from_checkpoint(study, data, checkpoint, device)
     runtime = Runtime("local", 0, 1, device)
     metrics, subsets = protocol_eval(method, data, study, runtime, prefix)
     return metrics, subsets, epoch
