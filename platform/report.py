@@ -368,6 +368,13 @@ def portable(path: str | None) -> str | None:
     return relative if relative.count("..") <= 2 else path
 
 
+def portable_arg(word: str) -> str:
+    """A word of a command line with its absolute path made `portable`, alone or as a value
+    (`data.root=/abs/path`, as `--set` takes it)."""
+    key, sep, value = word.partition("=")
+    return key + sep + portable(value) if sep and os.path.isabs(value) else portable(word)
+
+
 def _parent_config(tracker: Tracker, run_id: str) -> dict:
     try:
         path = tracker.client.download_artifacts(run_id, "resolved_config.json")
@@ -408,7 +415,7 @@ def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str, p
         ("git commit", parent.data.tags.get("git_commit", "unknown")),
         (
             "command",
-            " ".join(map(portable, parent.data.tags.get("sslab.command", "not recorded").split(" "))),
+            " ".join(map(portable_arg, parent.data.tags.get("sslab.command", "not recorded").split(" "))),
         ),
         ("MLflow", f"experiment {experiment_id}, parent run {parent.info.run_id} ({parent.info.status})"),
     ]

@@ -158,3 +158,13 @@ def test_knn_curves_start_at_the_random_init_logged_under_its_own_key(tmp_path, 
     knn = curves[curves["metric"] == "knn_top1"].sort_values("epoch")
     assert list(zip(knn["epoch"], knn["value"])) == [(0, 0.23), (5, 0.31), (10, 0.35)]
     assert trials.loc[0, "knn_top1"] == 0.35
+
+
+def test_a_command_names_no_absolute_folder_of_this_machine(tmp_path, monkeypatch):
+    from sslab.platform.report import portable_arg
+
+    monkeypatch.chdir(tmp_path / ".")
+    data = tmp_path.parent / "shared" / "cifar"
+    assert portable_arg(f"data.root={data}") == "data.root=../shared/cifar"
+    assert portable_arg(str(data)) == "../shared/cifar"
+    assert portable_arg("train.lr=0.1") == "train.lr=0.1"
