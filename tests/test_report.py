@@ -163,7 +163,7 @@ def test_knn_curves_start_at_the_random_init_logged_under_its_own_key(tmp_path, 
 def test_a_command_names_no_absolute_folder_of_this_machine(tmp_path, monkeypatch):
     from sslab.platform.report import portable_arg
 
-    monkeypatch.chdir(tmp_path / ".")
+    monkeypatch.chdir(tmp_path)
     data = tmp_path.parent / "shared" / "cifar"
     assert portable_arg(f"data.root={data}") == "data.root=../shared/cifar"
     assert portable_arg(str(data)) == "../shared/cifar"
