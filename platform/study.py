@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -547,9 +548,16 @@ def start_local_ray(num_cpus: int | None = None, temp_dir: str | None = None) ->
 
     ray_constants.ENABLE_RAY_CLUSTER = False
     Config.initialize("")  # re-reads RAY_AUTH_MODE, as Ray itself does when it enables tokens
+    # Ray's State API (Train's placement-group cleaner calls it from inside the cluster) finds its
+    # cluster by listing this machine's GCS processes: beside a second local cluster it cannot
+    # choose, and the cleaner's thread dies (a dead controller's placement group would then leak).
+    # Naming this cluster's dashboard settles it for every child process; a taken port fails init.
+    dashboard_port = free_loopback_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     ray.init(
         include_dashboard=True,
         dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
         num_cpus=num_cpus,
         _temp_dir=temp_dir,
         object_store_memory=300 * 1024**2,
@@ -557,6 +565,13 @@ def start_local_ray(num_cpus: int | None = None, temp_dir: str | None = None) ->
         logging_level="WARNING",
         log_to_driver=True,
     )
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def trial_resources(study: StudyConfig, cluster_cpus: float) -> tuple[dict, float]:

@@ -328,6 +328,41 @@ def test_local_cluster_listens_on_loopback_only_and_requires_a_token(ray_cluster
         assert refused.value.code == 401, url
 
 
+def test_the_state_api_finds_this_cluster_beside_another_local_one(ray_cluster, tmp_path):
+    """Train's placement-group cleaner asks Ray's State API from inside the cluster; with a second
+    local cluster running, the API could not choose between them and the cleaner's thread died."""
+    import subprocess
+    import sys
+    import tempfile
+
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import ray, sys; ray.init(num_cpus=0, include_dashboard=False, "
+            f"_temp_dir={tempfile.mkdtemp(prefix='sslabray', dir='/tmp')!r}); print('up', flush=True); "
+            "sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+    )
+    try:
+        assert other.stdout.readline().strip() == "up"
+
+        @ray_cluster.remote
+        def nodes_seen_from_inside():
+            from ray.util.state import list_nodes
+
+            return [node.node_id for node in list_nodes()]
+
+        assert ray_cluster.get(nodes_seen_from_inside.remote()) == [ray_cluster.nodes()[0]["NodeID"]]
+    finally:
+        other.stdin.close()
+        other.wait(timeout=60)
+
+
 def test_an_interrupted_study_skips_the_trials_that_never_started():
     """Ctrl-C: Tune returns the trials it never started without a config; they get no status
     (was: a TypeError that left the parent run open)."""
