@@ -43,7 +43,7 @@ def cmd_run(args) -> int:
     from sslab.platform.report import build_report
     from sslab.platform.study import run_study
 
-    command = "sslab " + shlex.join(sys.argv[1:])  # recorded with the study: reports show it
+    command = "sslab " + shlex.join(args.argv)
     result = run_study(
         study,
         raw,
@@ -63,7 +63,13 @@ def cmd_run(args) -> int:
             parent_run_id=result["parent_run_id"],
         )
         print(f"report: {out / 'report.md'} and {out / 'report.html'}")
-    return 0 if result["status"] == "FINISHED" else 1
+    if result["status"] == "FINISHED":
+        return 0
+    again = command if args.resume else f"{command} --resume"
+    print(
+        f"study {study.name}: not every trial finished; `{again}` runs those (each from its last checkpoint)"
+    )
+    return 1
 
 
 def cmd_report(args) -> int:
@@ -344,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as typed, recorded with a study (reports show it)
     try:
         return args.fn(args)
     except ConfigError as err:

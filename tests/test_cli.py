@@ -103,6 +103,18 @@ def test_run_register_names_the_model_of_every_trial(tmp_path, tiny_raw, monkeyp
     assert main(["run", str(path), "--register", "no/slashes", "--no-report"]) == 2
 
 
+def test_an_unfinished_study_says_how_to_finish_it(tmp_path, tiny_raw, monkeypatch, capsys):
+    """Ctrl-C or a failed trial: rerunning without --resume would start every trial again."""
+    failed = {"status": "FAILED", "tracking_uri": "", "parent_run_id": ""}
+    monkeypatch.setattr("sslab.platform.study.run_study", lambda *args, **kwargs: failed)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw))
+    for extra in ([], ["--resume"]):
+        assert main(["run", str(path), "--no-report", *extra]) == 1
+        hint = capsys.readouterr().out.strip().splitlines()[-1]
+        assert f"`sslab run {path} --no-report --resume` runs those" in hint, hint
+
+
 def test_methods_lists_the_small_image_defaults(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
