@@ -167,7 +167,7 @@ def test_killed_driver_resumes_only_unfinished_trials(tmp_path, tiny_raw):
     driver = subprocess.Popen(
         command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    tracker, deadline = Tracker(uri), time.time() + 240
+    tracker, deadline = Tracker(uri), time.time() + 600  # a watchdog: a loaded machine takes >240 s
     finished = []
     while time.time() < deadline and driver.poll() is None:
         experiment = (
