@@ -328,7 +328,7 @@ def test_local_cluster_listens_on_loopback_only_and_requires_a_token(ray_cluster
         assert refused.value.code == 401, url
 
 
-def test_the_state_api_finds_this_cluster_beside_another_local_one(ray_cluster, tmp_path):
+def test_the_state_api_finds_this_cluster_beside_another_local_one(ray_cluster):
     """Train's placement-group cleaner asks Ray's State API from inside the cluster; with a second
     local cluster running, the API could not choose between them and the cleaner's thread died."""
     import subprocess
