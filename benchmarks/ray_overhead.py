@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 from sslab.platform import study as study_module
-from sslab.platform.config import build_study
+from sslab.platform import tune_run
+from sslab.platform.ray_cluster import init_ray
+from sslab.platform.validate import build_study
 
 # The quickstart's model and recipe, 8 seeds of a 2-epoch trial on 1,024 images.
 STUDY = {
@@ -34,7 +36,7 @@ STUDY = {
 
 
 def run_once(workdir: Path, reuse: bool) -> dict:
-    study_module.REUSE_TRIAL_WORKERS = reuse
+    tune_run.REUSE_TRIAL_WORKERS = reuse
     study = build_study(STUDY, source="ray_overhead")
     result = study_module.run_study(study, STUDY, json.dumps(STUDY), workdir)
     share = dict(result["share"])
@@ -49,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.time()
-    study_module.init_ray(None)
+    init_ray(None)
     ray_start = time.time() - started
     runs = []
     with tempfile.TemporaryDirectory() as folder:

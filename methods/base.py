@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from sslab.platform.augment import Augment, AugmentRecipe, Normalize, View
+from sslab.platform.backbones import spatial_features
 
 
 @dataclass
@@ -43,14 +44,18 @@ class MethodContext:
     views: dict = field(default_factory=dict)  # name -> Augment, for every view the method declares
 
 
+Z_STD_COLLAPSED = 1e-3  # per-dimension std of unit embeddings below which all are one point
+
+
 class Method(nn.Module):
     name: ClassVar[str]
     Args: ClassVar[type]
     # True for a method that pairs each training image with its label or caption (CLIP): it
     # cannot pretrain on an unlabelled folder (`data.pretrain`). Checked by `sslab validate`.
     pairs_images_with_labels: ClassVar[bool] = False
-    # Backbones the method works with (MAE: ViTs only); empty: any. Checked by `sslab validate`.
-    backbones: ClassVar[tuple[str, ...]] = ()
+    # The backbone family the method works with (MAE: "vit"); empty: any. Checked by `sslab validate`
+    # against the backbone registry's entries.
+    backbone_family: ClassVar[str] = ""
     # "images": batches of uint8 [N, 3, H, W]; "video": clips [N, T, 3, H, W] (a video dataset).
     data_kind: ClassVar[str] = "images"
 
@@ -124,6 +129,14 @@ class Method(nn.Module):
         """Method-specific evaluation (e.g. zero-shot accuracy), run beside the kNN monitor."""
         return {}
 
+    def collapse_state(self, metrics: dict[str, float]) -> str:
+        """ "collapsed (...)" or "learning" from the last epoch's diagnostics; "" for a method that
+        logs none. By default the per-dimension std of the unit embeddings (`z_std`, SimSiam Sec.
+        4.1): about 1/sqrt(d) when spread, 0 when every image maps to one point."""
+        if metrics.get("z_std") is None:
+            return ""
+        return "collapsed (constant)" if metrics["z_std"] < Z_STD_COLLAPSED else "learning"
+
     def artifacts(self, data) -> dict[str, torch.Tensor]:
         """Images to look at after training (reconstructions, colourisations), logged to MLflow:
         name -> uint8 [3, H, W]. Called in eval mode on the main rank."""
@@ -148,8 +161,6 @@ class Method(nn.Module):
     def dense_features(self, images: torch.Tensor) -> torch.Tensor:
         """Per-location features [N, D, h, w] of un-augmented uint8 frames: what mask propagation
         matches between frames. By default the backbone's last feature map."""
-        from sslab.platform.backbones import spatial_features
-
         encoder = self.encoder()
         return spatial_features(encoder.module, encoder.transform(images))
 

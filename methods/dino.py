@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -18,6 +19,11 @@ from sslab.platform.augment import AugmentRecipe, View
 from sslab.platform.config import check
 from sslab.platform.distributed import mean_over_ranks
 from sslab.platform.optim import cosine_schedule
+
+# Collapse, read from the last epoch's diagnostics (Sec. 5.3 / Fig. 7).
+UNIFORM_ENTROPY = 0.97  # teacher entropy at >= 97% of log K: every prototype equally likely
+ONE_HOT_ENTROPY = 0.03  # <= 3% of log K: one prototype takes every image
+KL_COLLAPSED = 0.01  # nats: the student matches the teacher, nothing left to learn from it
 
 
 @dataclass
@@ -172,6 +178,19 @@ class DINO(Method):
             # positive while the teacher has something to teach.
             "teacher_student_kl": loss.detach() - entropy,
         }
+
+    def collapse_state(self, metrics):
+        """DINO's two collapses (Sec. 5.3, Fig. 7): the student matches a teacher whose output is
+        uniform over the K prototypes, or one-hot; while it learns, KL(teacher || student) > 0."""
+        entropy, kl = metrics.get("teacher_entropy"), metrics.get("teacher_student_kl")
+        if entropy is None or kl is None:
+            return super().collapse_state(metrics)
+        ratio = entropy / math.log(self.args.out_dim)
+        if kl < KL_COLLAPSED and ratio >= UNIFORM_ENTROPY:
+            return "collapsed (uniform)"
+        if kl < KL_COLLAPSED and ratio <= ONE_HOT_ENTROPY:
+            return "collapsed (one-hot)"
+        return "learning"
 
     def before_optimizer_step(self, step):
         # The prototypes stay fixed at first: DINO's code (`freeze_last_layer`, one epoch) does so to

@@ -69,7 +69,7 @@ class MAE(Method):
 
     name = "mae"
     Args = MAEArgs
-    backbones = ("vit_tiny", "vit_small")
+    backbone_family = "vit"
 
     def __init__(self, args: MAEArgs, ctx: MethodContext):
         super().__init__(args, ctx)

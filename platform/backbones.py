@@ -1,33 +1,48 @@
-"""Backbones: ResNet-18/50 from torchvision's blocks (CIFAR stem, width multiplier) and
+"""Backbones: ResNet-18/34/50 from torchvision's blocks (CIFAR stem, width multiplier) and
 ViT-Tiny/Small from timm, whose ViT exposes patch_embed / blocks / norm for MAE and DINO.
 Every backbone maps normalised images [N, 3, H, W] to features [N, dim].
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import torch
+import torchvision.models.resnet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from sslab.platform.config import BackboneConfig
 
-VIT_SIZES = {
-    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
-}
+
+@dataclass(frozen=True)
+class Backbone:
+    """A registry entry: how the network is built, and the facts validation and export ask of it."""
+
+    build: Callable[[BackboneConfig, int], tuple[nn.Module, int]]  # (cfg, image size) -> (net, dim)
+    # "resnet": exported in torchvision's layout; "vit": in timm's; anything else: sslab's own.
+    family: str = "custom"
+    resnet_block: str = ""  # torchvision.models.resnet's block class: "BasicBlock" or "Bottleneck"
+    resnet_depths: tuple[int, ...] = ()  # blocks per stage
+    vit_size: dict = field(default_factory=dict)  # embed_dim, depth, num_heads at width 1
 
 
 def build_backbone(cfg: BackboneConfig, image_size: int) -> tuple[nn.Module, int]:
     """Returns (backbone, feature dimension), built by the name's entry in BACKBONES."""
-    return BACKBONES[cfg.name](cfg, image_size)
+    return BACKBONES[cfg.name].build(cfg, image_size)
 
 
-def _resnet(cfg: BackboneConfig, image_size: int) -> tuple[nn.Module, int]:
+def resnet_widths(cfg: BackboneConfig) -> list[int]:
+    """Channels of the four stages' blocks, torchvision's scaled by the width multiplier."""
+    return [max(8, round(c * cfg.width)) for c in (64, 128, 256, 512)]
+
+
+def _resnet(block_name: str, depths: tuple[int, ...], cfg: BackboneConfig, image_size: int):
     """torchvision's BasicBlock/Bottleneck stacked as in torchvision's ResNet, widths scaled."""
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-
-    block, depths = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}[cfg.name]
-    widths = [max(8, round(c * cfg.width)) for c in (64, 128, 256, 512)]
+    block = getattr(torchvision.models.resnet, block_name)
+    widths = resnet_widths(cfg)
     if cfg.cifar_stem:  # CIFAR variant (SimCLR App. B.9): 3x3 stride-1 conv, no max-pool
         stem = [
             nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
@@ -79,8 +94,8 @@ class ViT(VisionTransformer):
         return self.norm(self.blocks(self.norm_pre(tokens)))
 
 
-def _vit(cfg: BackboneConfig, image_size: int) -> tuple[nn.Module, int]:
-    size = dict(VIT_SIZES[cfg.name])
+def _vit(vit_size: dict, cfg: BackboneConfig, image_size: int) -> tuple[nn.Module, int]:
+    size = dict(vit_size)
     size["embed_dim"] = max(
         size["num_heads"], round(size["embed_dim"] * cfg.width / size["num_heads"]) * size["num_heads"]
     )
@@ -95,9 +110,24 @@ def _vit(cfg: BackboneConfig, image_size: int) -> tuple[nn.Module, int]:
     return net, net.num_features
 
 
-# name -> builder(cfg, image_size) -> (module, feature dimension): validation and building both
-# read this table, so a new backbone is one function and one line here.
-BACKBONES = {"resnet18": _resnet, "resnet50": _resnet, "vit_tiny": _vit, "vit_small": _vit}
+def resnet(block: str, depths: tuple[int, ...]) -> Backbone:
+    return Backbone(functools.partial(_resnet, block, depths), "resnet", block, depths)
+
+
+def vit(embed_dim: int, depth: int, num_heads: int) -> Backbone:
+    size = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    return Backbone(functools.partial(_vit, size), "vit", vit_size=size)
+
+
+# name -> entry: validation, building and export all read this table, so another ResNet depth or
+# ViT size is one line here.
+BACKBONES = {
+    "resnet18": resnet("BasicBlock", (2, 2, 2, 2)),
+    "resnet34": resnet("BasicBlock", (3, 4, 6, 3)),
+    "resnet50": resnet("Bottleneck", (3, 4, 6, 3)),
+    "vit_tiny": vit(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": vit(embed_dim=384, depth=12, num_heads=6),
+}
 
 
 def spatial_features(backbone: nn.Module, x):

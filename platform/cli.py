@@ -1,7 +1,8 @@
 """sslab command line: run | validate | report | eval | export | methods | ui | bench.
 
 Bad input (a study file, a --set override) prints one line naming the file and key and exits
-with code 2 before anything is written.
+with code 2 before anything is written. Each command imports what it needs when it runs (torch,
+Ray and MLflow take seconds to import), so `sslab report` or `sslab ui` never load torch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from sslab.platform.config import ConfigError, check_study_name, load_study, parse_override
+from sslab.platform.config import ConfigError, check_study_name, parse_override
 
 EXIT_BAD_INPUT = 2
 
@@ -22,9 +23,17 @@ def _workdir(args) -> Path:
     return Path(args.workdir or os.environ.get("SSLAB_WORKDIR") or "sslab-runs").resolve()
 
 
+def _tracking_uri(args) -> str:
+    from sslab.platform.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(args.tracking_uri, _workdir(args))
+
+
 def cmd_validate(args) -> int:
+    from sslab.platform.sweep import expand_trials
+    from sslab.platform.validate import load_study
+
     study, raw = load_study(args.study, args.set)
-    from sslab.platform.study import expand_trials
 
     if study.search.name == "optuna":
         print(
@@ -38,10 +47,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    overrides = args.set + ([f"register_model={args.register}"] if args.register else [])
-    study, raw = load_study(args.study, overrides)
     from sslab.platform.report import build_report
     from sslab.platform.study import run_study
+    from sslab.platform.validate import load_study
+
+    overrides = args.set + ([f"register_model={args.register}"] if args.register else [])
+    study, raw = load_study(args.study, overrides)
 
     command = "sslab " + shlex.join(args.argv)
     result = run_study(
@@ -74,13 +85,15 @@ def cmd_run(args) -> int:
 
 def cmd_report(args) -> int:
     from sslab.platform.report import build_report
-    from sslab.platform.tracking import default_tracking_uri, require_store
+    from sslab.platform.tracking import require_store
 
     name = args.study
     if name.endswith((".yaml", ".yml")):
+        from sslab.platform.validate import load_study
+
         name = load_study(name, args.set)[0].name
     check_study_name(name, "sslab report", "STUDY")
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(_workdir(args))
+    uri = _tracking_uri(args)
     require_store(uri, "--tracking-uri")
     out = build_report(name, uri, Path(args.reports) / name, parent_run_id=args.parent_run)
     print(f"report: {out / 'report.md'} and {out / 'report.html'}")
@@ -89,12 +102,13 @@ def cmd_report(args) -> int:
 
 def cmd_eval(args) -> int:
     """Evaluates an MLflow run's checkpoint and logs eval/... metrics to that run."""
-
     import torch
 
-    from sslab.platform.config import build_study, set_dotted
+    from sslab.platform.config import set_dotted
     from sslab.platform.data import load_dataset
-    from sslab.platform.train import evaluate_checkpoint
+    from sslab.platform.evaluate import evaluate_checkpoint
+    from sslab.platform.metric_keys import EVAL, RANDOM_INIT
+    from sslab.platform.validate import build_study
 
     tracker, run = _tracked_run(args)
     raw = trial_config_of(tracker, args.run)
@@ -113,7 +127,7 @@ def cmd_eval(args) -> int:
     data = load_dataset(study.data)
     metrics, subsets, epoch = evaluate_checkpoint(study, data, checkpoint, device)
     if args.random_init:
-        metrics |= evaluate_checkpoint(study, data, None, device, prefix="eval/random_init_")[0]
+        metrics |= evaluate_checkpoint(study, data, None, device, prefix=EVAL + RANDOM_INIT)[0]
     tracker.log_metrics(args.run, metrics, step=epoch)
     if subsets:
         tracker.log_dict(args.run, subsets, "eval/label_subsets.json")
@@ -126,9 +140,9 @@ def cmd_eval(args) -> int:
 
 def _tracked_run(args):
     """(tracker, run) for a RUN_ID argument; a missing store or run is a one-line error."""
-    from sslab.platform.tracking import Tracker, default_tracking_uri, require_store
+    from sslab.platform.tracking import Tracker, require_store
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(_workdir(args))
+    uri = _tracking_uri(args)
     require_store(uri, "--tracking-uri")
     tracker = Tracker(uri)
     try:
@@ -149,14 +163,14 @@ def trial_config_of(tracker, run_id: str) -> dict:
 def run_checkpoint(tracker, run) -> Path:
     """The trial's checkpoint: the local file the trial wrote where this machine has it, else
     the copy logged to the run (`checkpoint/`), downloaded from the tracking server."""
-    from sslab.platform.train import has_checkpoint
+    from sslab.platform.checkpoint import CHECKPOINT_NAME, has_checkpoint
 
     local = Path(run.data.tags.get("sslab.checkpoint", ""))
     if local.name and has_checkpoint(local):
         return local
     try:
         return Path(
-            tracker.client.download_artifacts(run.info.run_id, f"checkpoint/{local.name or 'checkpoint.pt'}")
+            tracker.client.download_artifacts(run.info.run_id, f"checkpoint/{local.name or CHECKPOINT_NAME}")
         )
     except Exception:
         raise ConfigError(
@@ -200,13 +214,12 @@ def cmd_export(args) -> int:
 
 def _export_from_checkpoint(tracker, run, folder: Path) -> Path:
     """Runs from before trials logged `encoder/`: rebuild the method and export its checkpoint."""
-
     import torch
 
-    from sslab.platform.config import build_study
+    from sslab.platform.build import method_from_checkpoint
     from sslab.platform.data import load_dataset
     from sslab.platform.export import write_export
-    from sslab.platform.train import method_from_checkpoint
+    from sslab.platform.validate import build_study
 
     study = build_study(trial_config_of(tracker, run.info.run_id), source=f"run {run.info.run_id}")
     checkpoint = run_checkpoint(tracker, run)
@@ -238,9 +251,7 @@ def cmd_methods(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from sslab.platform.tracking import default_tracking_uri
-
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(_workdir(args))
+    uri = _tracking_uri(args)
     command = [
         sys.executable,
         "-m",
@@ -258,7 +269,7 @@ def cmd_ui(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from sslab.platform.bench import main as bench_main
+    from sslab.benchmarks.bench import main as bench_main
 
     return bench_main(args)
 
@@ -342,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="throughput: sslab's data path vs a DataLoader pipeline vs the bare step"
     )
-    from sslab.platform.bench import add_arguments
+    from sslab.benchmarks.bench import add_arguments
 
     add_arguments(bench)
     bench.set_defaults(fn=cmd_bench)

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,70 +18,18 @@ import torch
 import torch.nn.functional as F
 
 from sslab.platform.config import DataConfig
-
-
-@dataclass
-class Dataset:
-    name: str
-    classes: list[str]
-    train_images: torch.Tensor  # uint8 [N, 3, H, W]
-    train_labels: torch.Tensor  # int64 [N]
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    train_captions: list[str] | None = None  # one per image, where the data has them
-    test_captions: list[str] | None = None
-    class_prompts: list[list[str]] | None = None  # per class, captions that describe it (zero-shot)
-    # Images pretraining draws from instead of train_images: unlabelled ones (`data.pretrain`; the
-    # labelled splits then serve evaluation only), or the training files larger (`data.source_size`).
-    pretrain_images: torch.Tensor | None = None
-    pretrain_labelled: bool = False  # pretrain_images are train_images' files (`data.source_size`)
-    # Video only: the instance id of every pixel of every test frame (0: background), uint8
-    # [M, T, H, W]; evaluation propagates the first frame's through the clip.
-    test_masks: torch.Tensor | None = None
-
-    @property
-    def image_size(self) -> int:
-        return self.train_images.shape[-1]
-
-    @property
-    def kind(self) -> str:
-        """ "video" (clips [N, T, 3, H, W]) or "images" ([N, 3, H, W])."""
-        return "video" if self.train_images.dim() == 5 else "images"
-
-    @property
-    def ssl_images(self) -> torch.Tensor:
-        """What self-supervised training draws its batches from."""
-        return self.train_images if self.pretrain_images is None else self.pretrain_images
-
-    def example_images(self, count: int) -> torch.Tensor:
-        """`count` test images as an encoder takes them (of a video: frames of the first clip)."""
-        return self.test_images[0, :count] if self.kind == "video" else self.test_images[:count]
-
-    def describe(self) -> str:
-        if self.kind == "video":
-            return (
-                f"{self.name}: {len(self.train_images)} train / {len(self.test_images)} test clips of "
-                f"{self.train_images.shape[1]} frames, {self.image_size}px"
-            )
-        pretrain = ""
-        if self.pretrain_images is not None:
-            what = (
-                "the training images" if self.pretrain_labelled else f"{len(self.pretrain_images)} unlabelled"
-            )
-            source = self.pretrain_images.shape[-1]
-            crops = "" if source == self.image_size else f" (crops from {source}px)"
-            pretrain = f"pretraining on {what}{crops}, "
-        return (
-            f"{self.name}: {pretrain}{len(self.train_images)} train / {len(self.test_images)} test, "
-            f"{len(self.classes)} classes, {self.image_size}px"
-        )
+from sslab.platform.dataset import DataError, Dataset, no_labels, read_image, resized
+from sslab.platform.streaming import ImageFiles
+from sslab.platform.synthetic import synthetic
+from sslab.platform.synthetic_video import synthetic_video
+from sslab.platform.workdir import atomic_torch_save
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
     """The dataset `cfg` describes. A process keeps the last two generated ones: Tune reuses a
     trial's worker for the next trial, which then skips generating the same data again (data
     read from files is read again: the files may have changed; their decoded cache is on disk)."""
-    if cfg.name not in GENERATED:
+    if not DATASETS[cfg.name].generated:
         return _load(cfg)
     key = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
     if key not in _LOADED:
@@ -94,7 +43,7 @@ _LOADED: dict[str, Dataset] = {}
 
 
 def _load(cfg: DataConfig) -> Dataset:
-    data = DATASETS[cfg.name](cfg)
+    data = DATASETS[cfg.name].load(cfg)
     data.train_images, data.train_labels, data.train_captions = _subset(
         data.train_images, data.train_labels, data.train_captions, cfg.subset, cfg.seed
     )
@@ -126,11 +75,6 @@ def subset_items(items: tuple, size: int | None, seed: int) -> tuple:
     if size is None or size >= len(items):
         return items
     return tuple(items[i] for i in _subset_indices(len(items), size, seed).tolist())
-
-
-def no_labels(count: int) -> torch.Tensor:
-    """Labels of data that has none (clips have masks, not classes): -1 each."""
-    return torch.full((count,), -1, dtype=torch.long)
 
 
 def _subset_indices(total: int, size: int, seed: int) -> torch.Tensor:
@@ -165,11 +109,6 @@ def _torchvision(cfg: DataConfig) -> Dataset:
 # ----------------------------------------------------------------------------- image folders
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-TORCHVISION_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "stl10": 5_000}
-
-
-class DataError(ValueError):
-    """Bad data on disk; the message names the file or folder."""
 
 
 @dataclass(frozen=True)
@@ -259,14 +198,7 @@ def load_pretrain_images(cfg: DataConfig) -> torch.Tensor:
 
 
 def _resize(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
-    return torch.cat([_resized(images[i : i + chunk], size) for i in range(0, len(images), chunk)])
-
-
-def _resized(images: torch.Tensor, size: int) -> torch.Tensor:
-    resized = F.interpolate(
-        images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
-    )
-    return resized.round().clamp(0, 255).byte()
+    return torch.cat([resized(images[i : i + chunk], size) for i in range(0, len(images), chunk)])
 
 
 def train_set_size(cfg: DataConfig) -> int | None:
@@ -277,19 +209,24 @@ def train_set_size(cfg: DataConfig) -> int | None:
         return min(total, cfg.pretrain_subset or total)
     if cfg.pretrain == STL10_UNLABELED:
         return min(105_000, cfg.pretrain_subset or 105_000)
-    if cfg.name in GENERATED:
-        total = cfg.train_size
-    elif cfg.name == "videofolder":
-        total = len(scan_video_folder(Path(cfg.root).expanduser().resolve(), cfg.clip_length)[0])
-    elif cfg.name == "imagefolder":
-        total = len(scan_image_folder(Path(cfg.root).expanduser().resolve()).train)
-    else:
-        total = TORCHVISION_TRAIN_SIZES.get(cfg.name)
+    total = DATASETS[cfg.name].train_size(cfg)
     return None if total is None else min(total, cfg.subset or total)
 
 
+def pretrains_on_files(cfg: DataConfig) -> bool:
+    """Whether pretraining reads image files (a `data.pretrain` folder, or a dataset of image
+    files): they are decoded into a cache before a study starts, and may be streamed per batch."""
+    if cfg.pretrain is not None:
+        return cfg.pretrain != STL10_UNLABELED
+    return DATASETS[cfg.name].image_files
+
+
+def _root(cfg: DataConfig) -> Path:
+    return Path(cfg.root).expanduser().resolve()
+
+
 def _imagefolder(cfg: DataConfig) -> Dataset:
-    root = Path(cfg.root).expanduser().resolve()
+    root = _root(cfg)
     scan = scan_image_folder(root)
     train = _split(cfg, root / "train", scan.train, cfg.subset, pretraining=cfg.pretrain is None)
     test = _split(cfg, root / "test", scan.test, cfg.test_subset)
@@ -305,8 +242,6 @@ def _split(
 ):
     """(images, labels) of a split's files (after `subset`): decoded into memory, or as
     `ImageFiles` read per batch where `data.loading` says to stream."""
-    from sslab.platform.streaming import ImageFiles
-
     items = subset_items(items, subset, cfg.seed)
     if not streams(cfg, len(items), pretraining):
         return _decode_split(split_dir, items, cfg.image_size, None, cfg.seed)
@@ -330,20 +265,10 @@ def _decode_split(
     if cache.exists():
         saved = torch.load(cache, weights_only=True)
         return saved["images"], saved["labels"]
-    images = torch.stack([_read_image(f, size) for f in files])
+    images = torch.stack([read_image(f, size) for f in files])
     label_tensor = torch.tensor(labels, dtype=torch.long)
     atomic_torch_save({"images": images, "labels": label_tensor}, cache)
     return images, label_tensor
-
-
-def _read_image(path: Path, size: int) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
-    try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except RuntimeError as err:  # torchvision's messages end with the reason after the last comma
-        raise DataError(f"{path}: cannot decode ({str(err).rsplit(',', 1)[-1].strip()})") from None
-    return image if image.shape[-2:] == (size, size) else _resized(image[None], size)[0]
 
 
 # ----------------------------------------------------------------------------- video folders
@@ -385,11 +310,11 @@ def _clip_windows(split: Path, length: int, masks: bool) -> tuple:
 
 
 def _videofolder(cfg: DataConfig) -> Dataset:
-    root = Path(cfg.root).expanduser().resolve()
+    root = _root(cfg)
     train, test = scan_video_folder(root, cfg.clip_length)
     train = subset_items(train, cfg.subset, cfg.seed)
     test = subset_items(test, cfg.test_subset, cfg.seed)
-    frames = lambda files: torch.stack([_read_image(f, cfg.image_size) for f in files])
+    frames = lambda files: torch.stack([read_image(f, cfg.image_size) for f in files])
     test_frames = torch.stack([frames([f for f, _ in w]) for w in test])
     test_masks = torch.stack([torch.stack([_read_mask(m, cfg.image_size) for _, m in w]) for w in test])
     train_frames = torch.stack([frames(w) for w in train])
@@ -425,29 +350,59 @@ def _read_mask(path: Path, size: int) -> torch.Tensor:
     return ids.clamp(0, 255).byte()
 
 
-def synthetic_dataset(cfg: DataConfig) -> Dataset:
-    from sslab.platform.synthetic import synthetic
-
-    return synthetic(cfg)
-
-
-def synthetic_video_dataset(cfg: DataConfig) -> Dataset:
-    from sslab.platform.synthetic_video import synthetic_video
-
-    return synthetic_video(cfg)
+def _check_image_root(cfg: DataConfig) -> None:
+    root = Path(cfg.root).expanduser()
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise DataError(f"{root / split} is not a directory")
+    scan_image_folder(root.resolve())
 
 
-GENERATED = {"synthetic", "synthetic_video"}  # pure functions of the config: kept by `load_dataset`
-VIDEO = {"synthetic_video", "videofolder"}  # datasets of clips (checked against a method's data_kind)
-# name -> loader(cfg) -> Dataset: validation and loading both read this table.
+def _check_torchvision_root(cfg: DataConfig) -> None:
+    root = Path(cfg.root).expanduser()
+    if not cfg.download and not root.is_dir():
+        raise DataError(f"{root} does not exist (set data.download: true to fetch it)")
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registry entry: how a dataset loads, and the facts the rest of sslab asks of it."""
+
+    load: Callable[[DataConfig], Dataset]
+    train_size: Callable[[DataConfig], int | None]  # before `subset`; None: unknown until loaded
+    kind: str = "images"  # "images" ([N, 3, H, W]) or "video" (clips [N, T, 3, H, W])
+    generated: bool = False  # a pure function of the config: no root, kept by `load_dataset`
+    image_files: bool = False  # image files on disk: decoded into a cache, or streamed per batch
+    # Checks `data.root` before anything runs (raises DataError or OSError naming the file).
+    check_root: Callable[[DataConfig], None] = lambda cfg: None
+
+
+def _fixed_size(images: int) -> Callable[[DataConfig], int]:
+    return lambda cfg: images
+
+
+# name -> entry: validation, loading, streaming and the study driver all read this table, so a new
+# dataset is one loader and one line here.
 DATASETS = {
-    "synthetic": synthetic_dataset,
-    "cifar10": _torchvision,
-    "cifar100": _torchvision,
-    "stl10": _torchvision,
-    "imagefolder": _imagefolder,
-    "synthetic_video": synthetic_video_dataset,
-    "videofolder": _videofolder,
+    "synthetic": DatasetEntry(synthetic, lambda cfg: cfg.train_size, generated=True),
+    "cifar10": DatasetEntry(_torchvision, _fixed_size(50_000), check_root=_check_torchvision_root),
+    "cifar100": DatasetEntry(_torchvision, _fixed_size(50_000), check_root=_check_torchvision_root),
+    "stl10": DatasetEntry(_torchvision, _fixed_size(5_000), check_root=_check_torchvision_root),
+    "imagefolder": DatasetEntry(
+        _imagefolder,
+        lambda cfg: len(scan_image_folder(_root(cfg)).train),
+        image_files=True,
+        check_root=_check_image_root,
+    ),
+    "synthetic_video": DatasetEntry(
+        synthetic_video, lambda cfg: cfg.train_size, kind="video", generated=True
+    ),
+    "videofolder": DatasetEntry(
+        _videofolder,
+        lambda cfg: len(scan_video_folder(_root(cfg), cfg.clip_length)[0]),
+        kind="video",
+        check_root=lambda cfg: scan_video_folder(_root(cfg), cfg.clip_length),
+    ),
 }
 
 
@@ -455,12 +410,3 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("SSLAB_CACHE", Path.home() / ".cache" / "sslab")).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """Writes to a temporary file, then renames: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

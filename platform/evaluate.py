@@ -1,12 +1,23 @@
-"""Evaluation of frozen features: the weighted kNN monitor (Wu et al. 2018, Sec. 3.4)."""
+"""Evaluation protocols on a method's encoder: the weighted kNN monitor (Wu et al. 2018, Sec. 3.4),
+the linear probe and fine-tuning on frozen or copied features, with label fractions; mask
+propagation on video; and the same protocols on a saved checkpoint (`sslab eval`)."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sslab.platform.augment import Augment, AugmentRecipe
+from sslab.platform.build import method_from_checkpoint
+from sslab.platform.config import StudyConfig
+from sslab.platform.dataset import Dataset
+from sslab.platform.propagation import propagation_scores
 
 
 @contextlib.contextmanager
@@ -166,10 +177,6 @@ def finetune(
     """A copy of the method's encoder (the pretrained one is untouched) plus a linear head,
     trained with labels under crop + flip augmentation, SGD with cosine decay; scored on the
     test split. The copy sees the encoder's own input transform, as kNN and the probe do."""
-    import copy
-
-    from sslab.platform.augment import Augment, AugmentRecipe
-
     torch.manual_seed(seed)
     model = nn.Sequential(copy.deepcopy(encoder.module), nn.Linear(encoder.dim, num_classes)).to(device)
     crop_flip = Augment(
@@ -234,8 +241,6 @@ def run_protocols(
     Returns (metrics, label subsets used); features are computed once for all protocols.
     On video data: mask propagation (J) instead, whatever the protocols (clips have no classes)."""
     if data.kind == "video":
-        from sslab.platform.propagation import propagation_scores
-
         with eval_mode(method):
             scores = propagation_scores(
                 method.dense_features, data.test_images, data.test_masks, device, eval_cfg
@@ -291,3 +296,32 @@ def run_protocols(
             )
             metrics |= {f"{prefix}finetune_{k}{suffix}": v for k, v in result.items()}
     return metrics, subsets
+
+
+def protocol_eval(
+    method, data: Dataset, study: StudyConfig, device: torch.device, prefix: str
+) -> tuple[dict[str, float], dict]:
+    """Every evaluation protocol of the study (kNN always) and the method's own, keys prefixed."""
+    metrics, subsets = run_protocols(
+        method, data, study.eval, device, seed=study.train.seed, amp=study.train.amp, prefix=prefix
+    )
+    with eval_mode(method):
+        metrics |= {prefix + k: v for k, v in method.evaluate(data).items()}
+    return metrics, subsets
+
+
+def knn_eval(method, data: Dataset, study: StudyConfig, device: torch.device) -> dict[str, float]:
+    """The per-epoch monitor: weighted kNN on eval-mode features, plus the method's own."""
+    knn_only = dataclasses.replace(study.eval, protocols=["knn"], label_fractions=[1.0])
+    return protocol_eval(method, data, dataclasses.replace(study, eval=knn_only), device, prefix="")[0]
+
+
+def evaluate_checkpoint(
+    study: StudyConfig, data: Dataset, checkpoint: Path | None, device: torch.device, prefix: str = "eval/"
+) -> tuple[dict[str, float], dict, int]:
+    """The study's protocols on a checkpoint's encoder (None: random initialisation).
+    Returns (metrics, label subsets, epochs the checkpoint had trained)."""
+    torch.manual_seed(study.train.seed)
+    method, epoch = method_from_checkpoint(study, data, checkpoint, device)
+    metrics, subsets = protocol_eval(method, data, study, device, prefix)
+    return metrics, subsets, epoch

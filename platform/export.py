@@ -19,14 +19,16 @@ import shutil
 from pathlib import Path
 
 import torch
+import torchvision
 from torch import nn
 
 from sslab.methods.base import Method
 from sslab.platform.augment import Normalize
-from sslab.platform.backbones import build_backbone
+from sslab.platform.backbones import BACKBONES, build_backbone, resnet_widths
+from sslab.platform.build import build_method
 from sslab.platform.config import StudyConfig
-
-RESNET_DEPTHS = {"resnet18": (2, 2, 2, 2), "resnet50": (3, 4, 6, 3)}
+from sslab.platform.data import load_dataset
+from sslab.platform.validate import build_study
 
 
 def torchvision_resnet_state(net: nn.Sequential, depths: tuple[int, ...]) -> dict[str, torch.Tensor]:
@@ -52,14 +54,11 @@ def _is_plain_backbone(module: nn.Module, study: StudyConfig) -> bool:
     return mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape for k in mine)
 
 
-def _resnet_widths(study: StudyConfig) -> list[int]:
-    return [max(8, round(c * study.backbone.width)) for c in (64, 128, 256, 512)]
-
-
 def load_lines(info: dict, folder: str) -> list[str]:
     """The three lines a user pastes to get the encoder back."""
-    b = info["backbone"]
-    if info["architecture"].startswith("torchvision") and b["width"] == 1:
+    b, architecture = info["backbone"], info["architecture"]
+    # torchvision's constructor (resnet18, ...) at width 1; any other ResNet through load.py
+    if architecture.startswith("torchvision") and b["width"] == 1 and "resnet.ResNet" not in architecture:
         stem = (
             "; model.conv1, model.maxpool = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.Identity()"
             if b["cifar_stem"]
@@ -105,14 +104,18 @@ def export_info(method: Method, study: StudyConfig) -> tuple[dict[str, torch.Ten
     else:
         info["input"] = f"{study.method}'s own input transform (not plain RGB normalisation): load with sslab"
     plain = isinstance(encoder.transform, Normalize) and _is_plain_backbone(module, study)
-    if plain and b.name in RESNET_DEPTHS:
+    entry = BACKBONES[b.name]
+    if plain and entry.family == "resnet":
+        # torchvision's own constructor where it has one of this depth (resnet18, resnet50, ...)
+        constructor = b.name if hasattr(torchvision.models, b.name) else "resnet.ResNet"
         info |= {
-            "architecture": f"torchvision.models.{b.name}",
-            "widths": _resnet_widths(study),
-            "depths": list(RESNET_DEPTHS[b.name]),
+            "architecture": f"torchvision.models.{constructor}",
+            "widths": resnet_widths(b),
+            "block": entry.resnet_block,
+            "depths": list(entry.resnet_depths),
         }
-        return torchvision_resnet_state(module, RESNET_DEPTHS[b.name]), info
-    if plain and b.name.startswith("vit"):
+        return torchvision_resnet_state(module, entry.resnet_depths), info
+    if plain and entry.family == "vit":
         info |= {
             "architecture": "timm.models.vision_transformer.VisionTransformer",
             "timm_kwargs": {
@@ -147,10 +150,6 @@ def write_export(method: Method, study: StudyConfig, out: Path, run_id: str | No
 def load_sslab_export(folder) -> nn.Module:
     """An "architecture: sslab" export back as a module (input transform included). The method is
     rebuilt from the study, which reads the study's data (for its input statistics)."""
-    from sslab.platform.config import build_study
-    from sslab.platform.data import load_dataset
-    from sslab.platform.train import build_method
-
     info = json.loads((Path(folder) / "encoder.json").read_text())
     study = build_study(info["study"])
     method = build_method(study, load_dataset(study.data), torch.device("cpu"), total_steps=1)

@@ -37,15 +37,11 @@ def load(folder=Path(__file__).parent) -> nn.Module:
 def _torchvision_resnet(info: dict) -> nn.Module:
     """torchvision's ResNet rebuilt at the exported widths (any width multiplier) with its own
     blocks and `_make_layer`, the classifier dropped: the features are the pooled 512-d (x width)."""
-    import torchvision
+    from torchvision.models import resnet
 
     backbone, widths, depths = info["backbone"], info["widths"], info["depths"]
-    model = getattr(torchvision.models, backbone["name"])()
-    block = (
-        torchvision.models.resnet.BasicBlock
-        if backbone["name"] == "resnet18"
-        else torchvision.models.resnet.Bottleneck
-    )
+    block = getattr(resnet, info["block"])  # BasicBlock or Bottleneck
+    model = resnet.ResNet(block, depths)
     if backbone["cifar_stem"]:  # 3x3 stride-1 stem, no max-pool (SimCLR App. B.9)
         model.conv1, model.maxpool = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.Identity()
     else:

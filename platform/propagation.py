@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sslab.methods.base import image_grid
+
 # Instance colours of the strips (background stays as it is).
 PALETTE = torch.tensor(
     [
@@ -116,8 +118,6 @@ def overlay(frames: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 def propagation_strip(dense_features, data, device: torch.device, eval_cfg, clip: int = 0) -> torch.Tensor:
     """One test clip as three rows (frames; true masks; masks propagated from the first frame):
     uint8 [3, 3 * H, T * W], an MLflow artifact to look at."""
-    from sslab.methods.base import image_grid
-
     frames, truth = data.test_images[clip], data.test_masks[clip]
     predicted = propagate_clip(dense_features, frames, truth[0], device, eval_cfg)
     return image_grid([frames.float() / 255, overlay(frames, truth), overlay(frames, predicted)])

@@ -7,142 +7,24 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
-import math
 import os
 from pathlib import Path
 
 import pandas as pd
 
-from sslab.platform.config import point_keys
-from sslab.platform.tracking import TRIAL_TAG, Tracker, monitor_keys
+from sslab.platform.report_plots import plot_curves, plot_monitored, plot_probes, plot_sweep
+from sslab.platform.report_runs import (
+    find_parent,
+    headlines,
+    load_study_runs,
+    point_stats,
+    probe_table,
+    steps_range,
+    summarise,
+)
+from sslab.platform.tracking import DATA_KIND_TAG, Tracker
 from sslab.platform.verdict import expectations, judge_all, verdict
-
-CURVES = ("loss", "knn_top1", "propagation_j")
-
-
-def find_parent(tracker: Tracker, study: str, parent_run_id: str | None = None):
-    """(experiment id, parent run) of the study's latest or given invocation."""
-    experiment = tracker.client.get_experiment_by_name(study)
-    if experiment is None:
-        raise LookupError(f"no MLflow experiment named {study!r} at {tracker.uri}")
-    parent = (
-        tracker.client.get_run(parent_run_id)
-        if parent_run_id
-        else tracker.latest_parent(experiment.experiment_id)
-    )
-    if parent is None:
-        raise LookupError(f"study {study!r} has no runs at {tracker.uri}")
-    return experiment.experiment_id, parent
-
-
-def load_study_runs(tracker: Tracker, experiment_id: str, parent, extra_curves: tuple[str, ...] = ()):
-    """(trials DataFrame, curves DataFrame) of one invocation; the curves hold the per-epoch
-    history of CURVES and `extra_curves`."""
-    rows, curves = [], []
-    for run in tracker.child_runs(experiment_id, parent.info.run_id):
-        params = run.data.params
-        trial = run.data.tags.get(TRIAL_TAG)
-        point = run.data.tags.get("sslab.point") or point_name(trial)  # runs from before the tag: the name
-        values = run.data.tags.get("sslab.point_values")
-        row = {
-            "trial": trial,
-            "point": point,
-            "point_values": json.loads(values) if values else _parse_point(point),
-            "seed": int(params.get("train.seed", 0)),
-            "status": run.info.status,
-            "run_id": run.info.run_id,
-        }
-        row.update(run.data.metrics)
-        row["uses_labels"] = run.data.tags.get("sslab.uses_labels", "")
-        row["state"] = collapse_state(run.data.metrics, params)
-        rows.append(row)
-        monitored = tuple(k for k in run.data.metrics if _is_monitored_knn(k))
-        curve_keys = tuple(dict.fromkeys(CURVES + extra_curves + monitored))
-        copied = tuple(k for k in monitor_keys(run.data.metrics) if f"random_init_{k}" in run.data.metrics)
-        keys = dict.fromkeys(curve_keys + copied)  # each history fetched once
-        history = {k: tracker.client.get_metric_history(run.info.run_id, k) for k in keys}
-        drop_random_init_copies(row, {k: history[k] for k in copied})
-        for key in curve_keys:
-            points = {m.step: m.value for m in history[key]}
-            start = run.data.metrics.get(f"random_init_{key}")
-            if start is not None:
-                points.setdefault(0, start)  # the monitor's curves start at the random init
-            for epoch, value in points.items():
-                curves.append({"trial": row["trial"], "metric": key, "epoch": epoch, "value": value})
-    trials = pd.DataFrame(rows).sort_values("trial", ignore_index=True) if rows else pd.DataFrame()
-    return trials, pd.DataFrame(curves)
-
-
-def drop_random_init_copies(row: dict, history: dict) -> None:
-    """Stores written before sslab 2026-12-02 hold the random-init monitor values under the
-    monitor's own keys at epoch 0 too. A trial stopped before its first kNN epoch would then
-    show its random-init kNN as its trained result: blank such values. `history`: each such
-    key's logged values."""
-    for key, values in history.items():
-        if values and max(m.step for m in values) == 0:
-            row[key] = float("nan")
-
-
-def _is_monitored_knn(key: str) -> bool:
-    """kNN of a network a method follows beside its evaluated one (`student_knn_top1`)."""
-    return key.endswith("_knn_top1") and key != "knn_top1" and not key.startswith(("random_init_", "eval/"))
-
-
-# Collapse, read from the last epoch's diagnostics (DINO Sec. 5.3 / Fig. 7; SimSiam Sec. 4.1).
-UNIFORM_ENTROPY = 0.97  # teacher entropy at >= 97% of log K: every prototype equally likely
-ONE_HOT_ENTROPY = 0.03  # <= 3% of log K: one prototype takes every image
-KL_COLLAPSED = 0.01  # nats: the student matches the teacher, nothing left to learn from it
-Z_STD_COLLAPSED = 1e-3  # per-dimension std of unit embeddings (about 1/sqrt(d) when spread)
-
-
-def collapse_state(metrics: dict, params: dict) -> str:
-    """ "collapsed (uniform)", "collapsed (one-hot)", "collapsed (constant)" or "learning" from a
-    trial's last logged diagnostics; "" for a method that logs none."""
-    entropy, kl = metrics.get("teacher_entropy"), metrics.get("teacher_student_kl")
-    out_dim = params.get("method_args.out_dim")
-    if entropy is not None and kl is not None and out_dim:
-        ratio = entropy / math.log(float(out_dim))
-        if kl < KL_COLLAPSED and ratio >= UNIFORM_ENTROPY:
-            return "collapsed (uniform)"
-        if kl < KL_COLLAPSED and ratio <= ONE_HOT_ENTROPY:
-            return "collapsed (one-hot)"
-        return "learning"
-    if metrics.get("z_std") is not None:
-        return "collapsed (constant)" if metrics["z_std"] < Z_STD_COLLAPSED else "learning"
-    return ""
-
-
-def point_name(trial: str) -> str:
-    """The sweep point of a trial logged before points were tagged: its name without the seed."""
-    parts = [p for p in trial.split(",") if not p.startswith("seed=")]
-    return ",".join(parts) or "default"
-
-
-# (trained metric, baseline metric, label, baseline's label): what a report puts side by side,
-# where present. Video studies: propagated masks against the same network at random init and
-# against the first mask copied to every frame (no tracking at all).
-HEADLINES = [
-    ("knn_top1", "random_init_knn_top1", "kNN top-1", "random init"),
-    ("eval/linear_top1", "random_init_linear_top1", "linear top-1", "random init"),
-    ("eval/finetune_top1", "random_init_finetune_top1", "fine-tune top-1", "random init"),
-    ("eval/zero_shot_top1", "random_init_zero_shot_top1", "zero-shot top-1", "random init"),
-    ("eval/propagation_j", "random_init_propagation_j", "mask propagation J", "random init"),
-    ("eval/propagation_j", "eval/copy_first_j", "mask propagation J", "first mask copied"),
-]
-
-
-def headlines(trials: pd.DataFrame) -> list[tuple[str, str, str, str]]:
-    return [h for h in HEADLINES if h[0] in trials]
-
-
-def summarise(trials: pd.DataFrame, extra: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Mean and std over seeds of each sweep point's headline metrics (and `extra` ones)."""
-    columns = list(dict.fromkeys(c for h in headlines(trials) for c in h[:2] if c in trials))
-    columns += [c for c in extra if c in trials and c not in columns]
-    grouped = trials.groupby("point")[columns]
-    return grouped.agg(["mean", "std", "count"])
 
 
 def _pm(mean: float, std: float, count: int, scale: float = 100, digits: int = 1) -> str:
@@ -151,165 +33,6 @@ def _pm(mean: float, std: float, count: int, scale: float = 100, digits: int = 1
     if count > 1 and not pd.isna(std):
         return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
     return f"{mean * scale:.{digits}f}"
-
-
-def _pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (no display here)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _plot_curves(curves: pd.DataFrame, metric: str, ylabel: str) -> str | None:
-    """A PNG (base64) of `metric` per epoch, one line per trial."""
-    plt = _pyplot()
-
-    data = curves[curves["metric"] == metric] if len(curves) else curves
-    if data.empty:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-    for trial, group in data.groupby("trial"):
-        group = group.sort_values("epoch").drop_duplicates("epoch", keep="last")
-        ax.plot(group["epoch"], group["value"], marker="o", ms=3, label=trial)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if data["trial"].nunique() <= 12:
-        ax.legend(fontsize=7)
-    return _png(fig)
-
-
-def _plot_monitored(curves: pd.DataFrame, trials: pd.DataFrame) -> str | None:
-    """kNN per epoch of every network a trial follows: the evaluated one (solid) beside the
-    others (dashed: DINO's student, BYOL's target), so a reader sees which learns when; epoch 0
-    is the same backbone at random initialisation."""
-    if curves.empty or not curves["metric"].map(_is_monitored_knn).any():
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-    followed = curves[curves["metric"].map(_is_monitored_knn)]["trial"].unique()
-    for colour, trial in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, followed):
-        mine = curves[
-            (curves["trial"] == trial)
-            & curves["metric"].map(lambda k: k == "knn_top1" or _is_monitored_knn(k))
-        ]
-        start = trials[trials["trial"] == trial].iloc[0]
-        for metric, group in mine.groupby("metric"):
-            group = group.sort_values("epoch").drop_duplicates("epoch", keep="last")
-            epochs, values = list(group["epoch"]), list(group["value"])
-            last = start.get("epoch")  # runs before the monitor's keys were logged at the end
-            if pd.notna(start.get(f"eval/{metric}")) and pd.notna(last) and last not in epochs:
-                epochs, values = [*epochs, last], [*values, start[f"eval/{metric}"]]
-            network = "evaluated" if metric == "knn_top1" else metric.removesuffix("_knn_top1")
-            style = "-" if metric == "knn_top1" else "--"
-            ax.plot(epochs, values, style, color=colour, marker="o", ms=3, label=f"{trial} ({network})")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("kNN top-1 (epoch 0 = random init)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _png(fig)
-
-
-def _parse_point(point: str) -> dict[str, str]:
-    return dict(part.split("=", 1) for part in point.split(",") if "=" in part)
-
-
-def _sort_key(value: str):
-    try:
-        return (0, float(value), "")
-    except ValueError:
-        return (1, 0.0, value)
-
-
-def _plot_sweep(
-    trials: pd.DataFrame, metric: str, paper_results: dict, sweep: dict | None = None
-) -> str | None:
-    """`metric` against the first swept key (mean ± std over seeds), one line per value of the
-    other keys; the paper's numbers, where given, as open markers on a second axis."""
-    plt = _pyplot()
-
-    if trials.empty or metric not in trials:
-        return None
-    stats = trials.groupby("point")[metric].agg(["mean", "std"])
-    parsed = {
-        p: {k: str(v) for k, v in values.items()}
-        for p, values in trials.groupby("point")["point_values"].first().items()
-    }
-    keys = list(next(iter(parsed.values())).keys()) if parsed else []
-    if not keys:
-        return None
-    base = metric.replace("eval/", "random_init_") if metric.startswith("eval/") else "random_init_" + metric
-    baseline = trials[base].mean() * 100 if base in trials else None
-    if len({tuple(v) for v in parsed.values()}) > 1:  # `points` with their own keys: one bar each
-        return _plot_bars(stats, metric, baseline)
-    x_key = keys[0]
-    names = point_keys([k for k in (sweep or {}) if k != "points"])
-    listed = next((v for k, v in (sweep or {}).items() if names.get(k) == x_key and isinstance(v, list)), [])
-    order = [str(v) for v in listed]  # the study's own order (none, linear, mlp), else sorted
-    x_values = sorted(
-        {v[x_key] for v in parsed.values()},
-        key=lambda v: (order.index(v), 0.0, "") if v in order else (len(order),) + _sort_key(v)[1:],
-    )
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-    groups: dict[str, list] = {}
-    for point, values in parsed.items():
-        rest = ",".join(f"{k}={values[k]}" for k in keys[1:])
-        groups.setdefault(rest, []).append((x_values.index(values[x_key]), point))
-    for rest, members in sorted(groups.items()):
-        members.sort()
-        xs = [x for x, _ in members]
-        ax.errorbar(
-            xs,
-            [stats.loc[p, "mean"] * 100 for _, p in members],
-            yerr=[(stats.loc[p, "std"] if pd.notna(stats.loc[p, "std"]) else 0) * 100 for _, p in members],
-            marker="o",
-            capsize=3,
-            label=rest or "ours",
-        )
-    if baseline is not None:
-        ax.axhline(baseline, color="grey", ls=":", label="random init")
-    ax.set_xticks(range(len(x_values)), x_values)
-    ax.set_xlabel(x_key)
-    ax.set_ylabel(f"ours: {metric} (%)")
-    ax.grid(alpha=0.3)
-    paper = [(x_values.index(parsed[p][x_key]), float(v)) for p, v in paper_results.items() if p in parsed]
-    if paper:
-        twin = ax.twinx()
-        twin.plot(*zip(*sorted(paper)), ls="--", marker="s", mfc="none", color="black", label="paper")
-        twin.set_ylabel("paper (%)")
-        twin.legend(fontsize=7, loc="lower right")
-    ax.legend(fontsize=7, loc="lower left")
-    return _png(fig)
-
-
-def _plot_bars(stats: pd.DataFrame, metric: str, baseline: float | None) -> str:
-    plt = _pyplot()
-
-    labels = [p if len(p) <= 48 else p[:45] + "..." for p in stats.index]
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(stats) + 1.2), dpi=110)
-    ax.barh(
-        range(len(stats)), stats["mean"] * 100, xerr=stats["std"].fillna(0) * 100, color="tab:blue", alpha=0.8
-    )
-    ax.set_yticks(range(len(stats)), labels, fontsize=7)
-    ax.invert_yaxis()
-    if baseline is not None:
-        ax.axvline(baseline, color="grey", ls=":", label="random init (mean)")
-        ax.legend(fontsize=7)
-    ax.set_xlabel(f"ours: {metric} (%)")
-    ax.grid(alpha=0.3, axis="x")
-    return _png(fig)
-
-
-def _png(fig) -> str:
-    plt = _pyplot()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def build_report(study: str, tracking_uri: str, out_dir: Path, parent_run_id: str | None = None) -> Path:
@@ -323,12 +46,12 @@ def build_report(study: str, tracking_uri: str, out_dir: Path, parent_run_id: st
     out_dir.mkdir(parents=True, exist_ok=True)
     probes = probe_table(trials, curves, metric)
     plots = {
-        "sweep.png": _plot_sweep(trials, metric, paper.get("results", {}), config.get("sweep")),
-        "probes.png": _plot_probes(probes, metric),
-        "loss.png": _plot_curves(curves, "loss", "training loss"),
-        "knn_top1.png": _plot_curves(curves, "knn_top1", "kNN top-1 (epoch 0 = random init)"),
-        "propagation_j.png": _plot_curves(curves, "propagation_j", "propagation J (epoch 0 = random init)"),
-        "monitored_knn.png": _plot_monitored(curves, trials),
+        "sweep.png": plot_sweep(trials, metric, paper.get("results", {}), config.get("sweep")),
+        "probes.png": plot_probes(probes, metric),
+        "loss.png": plot_curves(curves, "loss", "training loss"),
+        "knn_top1.png": plot_curves(curves, "knn_top1", "kNN top-1 (epoch 0 = random init)"),
+        "propagation_j.png": plot_curves(curves, "propagation_j", "propagation J (epoch 0 = random init)"),
+        "monitored_knn.png": plot_monitored(curves, trials),
     }
     for name, png in plots.items():
         if png:
@@ -393,7 +116,7 @@ def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str, p
             f"{data.get('name')} ({data.get('subset') or 'all'} train / {data.get('test_subset') or 'all'} "
             + (
                 f"test clips of {data.get('clip_length')} frames"
-                if "video" in str(data.get("name"))
+                if parent.data.tags.get(DATA_KIND_TAG) == "video"
                 else "test images"
             )
             + f", root {portable(data.get('root')) or 'embedded'})"
@@ -527,46 +250,12 @@ def _comparison_row(c) -> list[str]:
     ]
 
 
-def point_stats(frame: pd.DataFrame, column: str) -> dict[str, tuple[float, float, int]]:
-    """Sweep point -> (mean, std, seeds) of `column`: what the verdict judges."""
-    grouped = frame.groupby("point")[column].agg(["mean", "std", "count"])
-    return {point: (row["mean"], row["std"], int(row["count"])) for point, row in grouped.iterrows()}
-
-
-def steps_range(steps: pd.Series) -> str:
-    """ "N" or "N-M" optimiser steps (points differ, e.g. batch sizes at equal epochs); "" if none."""
-    steps = steps.dropna()
-    if steps.empty:
-        return ""
-    low, high = int(steps.min()), int(steps.max())
-    return f"{low}" if low == high else f"{low}-{high}"
-
-
 def _budget(trials: pd.DataFrame) -> str:
     """The optimiser steps the final verdict holds at, "" where they were not logged."""
     steps = steps_range(trials["optimizer_steps"]) if "optimizer_steps" in trials else ""
     if not steps:
         return ""
     return f"{steps} optimiser steps" + (" (by point)" if "-" in steps else "")
-
-
-def probe_table(trials: pd.DataFrame, curves: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One row per (trial, epoch) where `metric` was logged: point, seed, epoch, optimiser steps,
-    value, and the probe's fraction of its trial's training."""
-    if trials.empty or curves.empty or metric not in set(curves["metric"]):
-        return pd.DataFrame()
-    wide = curves[curves["metric"].isin([metric, "optimizer_steps"])].pivot_table(
-        index=["trial", "epoch"], columns="metric", values="value", aggfunc="last"
-    )
-    wide = wide.dropna(subset=[metric]).reset_index()
-    wide = wide[wide["epoch"] >= 1]  # epoch 0 is the random-init baseline
-    if "optimizer_steps" not in wide:
-        wide["optimizer_steps"] = float("nan")
-    info = trials.set_index("trial")[["point", "seed"]]
-    wide = wide.join(info, on="trial")
-    last_epoch = wide.groupby("trial")["epoch"].transform("max")
-    wide["fraction"] = (wide["epoch"] / last_epoch).round(3)
-    return wide.rename(columns={metric: "value"})
 
 
 def _probe_verdicts(paper: dict, probes: pd.DataFrame | None) -> list[dict]:
@@ -587,27 +276,6 @@ def _probe_verdicts(paper: dict, probes: pd.DataFrame | None) -> list[dict]:
             }
         )
     return out
-
-
-def _plot_probes(probes: pd.DataFrame, metric: str) -> str | None:
-    """`metric` at each probe against optimiser steps, one line per point, mean ± std band."""
-    if probes.empty or probes.groupby("trial")["epoch"].nunique().max() < 2:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=110)
-    for point, rows in probes.groupby("point"):
-        by_fraction = rows.groupby("fraction").agg(
-            steps=("optimizer_steps", "mean"), mean=("value", "mean"), std=("value", "std")
-        )
-        x = by_fraction["steps"] if by_fraction["steps"].notna().all() else by_fraction.index
-        mean, std = by_fraction["mean"] * 100, by_fraction["std"].fillna(0) * 100
-        (line,) = ax.plot(x, mean, marker="o", ms=3, label=point[:40])
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("optimiser steps")
-    ax.set_ylabel(f"{metric} (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    return _png(fig)
 
 
 def _cell(stats, column: str) -> str:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from sslab.platform.dataset import DataError, read_image
+
 
 class TooManyBadFiles(RuntimeError):
     pass
@@ -95,12 +97,10 @@ class ImageFiles:
 
 def decode_files(files: list[str], size: int) -> tuple[torch.Tensor, list[str]]:
     """(the files as uint8 [n, 3, size, size], the problems of those that could not be read)."""
-    from sslab.platform.data import DataError, _read_image
-
     images, bad = [], []
     for file in files:
         try:
-            images.append(_read_image(Path(file), size))
+            images.append(read_image(Path(file), size))
         except (DataError, OSError, RuntimeError) as err:
             bad.append(str(err) if file in str(err) else f"{file}: {err}")
     if not images:

@@ -11,7 +11,7 @@ import math
 import torch
 
 from sslab.platform.config import DataConfig
-from sslab.platform.data import Dataset
+from sslab.platform.dataset import Dataset
 
 SYNTHETIC_CLASSES = (
     "disk",

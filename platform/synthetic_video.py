@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sslab.platform.config import DataConfig
-from sslab.platform.data import Dataset, no_labels
+from sslab.platform.dataset import Dataset, no_labels
 
 SHAPES = ("disk", "square", "diamond")  # the unit balls of the L2, L-inf and L1 norms
 

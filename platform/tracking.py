@@ -9,32 +9,28 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sslab.platform.config import ConfigError
+
 TRIAL_TAG = "sslab.trial"
-# What the per-epoch monitor logs (and schedulers may rank on): kNN of the evaluated network and
-# of the ones a method follows; mask propagation on video data.
-MONITOR = re.compile(r"(^|/|_)(knn_top[15]|propagation_j|copy_first_j)$")
+DATA_KIND_TAG = "sslab.data_kind"  # the dataset registry's kind: "images" or "video"
+COLLAPSE_TAG = "sslab.collapse"  # the method's collapse verdict on its last epoch
 # Artifact downloads (configs, label subsets) are tiny: no progress bars in the CLI's output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 PARAM_VALUE_LIMIT = 6000
 
 
-def monitor_keys(metrics: dict, prefix: str = "") -> dict:
-    """The monitor's metrics among `metrics`, with `prefix` removed (random_init_knn_top1 -> knn_top1)."""
-    return {
-        k.removeprefix(prefix): v
-        for k, v in metrics.items()
-        if k.startswith(prefix) and MONITOR.search(k) and "/" not in k
-    }
-
-
 def default_tracking_uri(workdir: Path) -> str:
     return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(given: str | None, workdir: Path) -> str:
+    """The store a command uses: --tracking-uri, else $MLFLOW_TRACKING_URI, else the workdir's sqlite file."""
+    return given or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir)
 
 
 def sqlite_file(uri: str) -> Path | None:
@@ -44,8 +40,6 @@ def sqlite_file(uri: str) -> Path | None:
 
 def require_store(uri: str, key: str, source: str | None = None) -> None:
     """Commands that read a store must not create an empty one where it is missing (MLflow would)."""
-    from sslab.platform.config import ConfigError
-
     path = sqlite_file(uri)
     if path is not None and not path.is_file():
         raise ConfigError(

@@ -69,3 +69,14 @@ def locked(path: Path, wait: bool, busy_message: str = ""):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """Writes to a temporary file, then renames: a crash never leaves a half-written file."""
+    import torch  # here: reports and the CLI use this module without torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -45,10 +45,13 @@ def for_method(raw: dict, name: str) -> dict:
     """The tiny study `raw` made fit for method `name`: a ViT for ViT-only methods (MAE), clips
     for video methods, a batch the clips fill."""
     from sslab.methods.registry import METHODS
+    from sslab.platform.backbones import BACKBONES
 
     raw["method"] = name
-    if METHODS[name].backbones:
-        raw["backbone"] = {"name": METHODS[name].backbones[0], "width": 0.34}
+    family = METHODS[name].backbone_family
+    if family:
+        first = next(b for b, entry in BACKBONES.items() if entry.family == family)
+        raw["backbone"] = {"name": first, "width": 0.34}
     if METHODS[name].data_kind == "video":
         raw["data"] = dict(TINY_VIDEO_DATA)
         raw["train"]["batch_size"] = 8
@@ -74,9 +77,9 @@ def make_method(tiny_raw):
     """make_method("dino", out_dim=8) -> (method built on the tiny study's data, that data)."""
     import torch
 
-    from sslab.platform.config import build_study
+    from sslab.platform.build import build_method
     from sslab.platform.data import load_dataset
-    from sslab.platform.train import build_method
+    from sslab.platform.validate import build_study
 
     def make(name, **method_args):
         tiny_raw.update(method=name, method_args=method_args)
@@ -104,7 +107,7 @@ def ray_cluster():
     """One local Ray for the tests that need it, started as `sslab run` starts it (loopback only,
     token auth); a short temp dir keeps socket paths < 107 bytes."""
     ray = pytest.importorskip("ray")
-    from sslab.platform.study import start_local_ray
+    from sslab.platform.ray_cluster import start_local_ray
 
     os.environ.pop("RAY_ADDRESS", None)
     start_local_ray(num_cpus=2, temp_dir=tempfile.mkdtemp(prefix="sslabray", dir="/tmp"))

@@ -81,12 +81,14 @@ def test_a_backbone_is_one_registry_entry_for_validation_and_building(tiny_raw, 
     from torch import nn
 
     from sslab.platform import backbones
-    from sslab.platform.config import ConfigError, build_study
+    from sslab.platform.config import ConfigError
+    from sslab.platform.validate import build_study
 
     tiny_raw["backbone"] = {"name": "linear_probe_net"}
     with pytest.raises(ConfigError, match="backbone.name"):
         build_study(tiny_raw)
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 7))
-    monkeypatch.setitem(backbones.BACKBONES, "linear_probe_net", lambda cfg, size: (net, 7))
+    entry = backbones.Backbone(lambda cfg, size: (net, 7))
+    monkeypatch.setitem(backbones.BACKBONES, "linear_probe_net", entry)
     study = build_study(tiny_raw)
     assert backbones.build_backbone(study.backbone, 16) == (net, 7)

@@ -23,7 +23,7 @@ def test_bench_writes_side_by_side_results(tmp_path, capsys):
     )
     assert "DataLoader pipeline" in capsys.readouterr().out
     # the limit: a step's FLOPs over its time, against a matmul's FLOP/s measured here
-    from sslab.platform.train import native_bf16
+    from sslab.platform.runtime import native_bf16
 
     assert result["flops_per_step"] > 0 and result["ceiling_flops_per_s"]["fp32"] > 0
     # a bf16 ceiling only where bf16 is native (emulated, it takes minutes and bounds nothing)

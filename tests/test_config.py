@@ -5,7 +5,8 @@ import yaml
 
 from conftest import REPO, apply_change
 from sslab.platform.cli import main
-from sslab.platform.config import ConfigError, build_study, flatten, load_study
+from sslab.platform.config import ConfigError, flatten
+from sslab.platform.validate import build_study, load_study
 
 
 def write(tmp_path, raw):
@@ -102,7 +103,7 @@ def test_int_accepted_for_float_but_bool_rejected(tiny_raw):
 
 
 def test_sweep_points_cross_the_grid_and_carry_their_own_settings(tiny_raw):
-    from sslab.platform.study import expand_trials
+    from sslab.platform.sweep import expand_trials
 
     tiny_raw["seeds"] = [0, 1]
     tiny_raw["sweep"] = {
@@ -136,14 +137,14 @@ def test_resume_without_an_earlier_run_is_a_clear_error(tmp_path, tiny_raw, caps
 
 @pytest.mark.parametrize("path", sorted((REPO / "studies").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_study_validates(path):
-    from sslab.platform.study import expand_trials
+    from sslab.platform.sweep import expand_trials
 
     study, raw = load_study(path)
     assert study.name == path.stem and expand_trials(study, raw)
 
 
 def test_a_swept_data_seed_names_its_points_apart_from_the_trial_seed(tiny_raw):
-    from sslab.platform.study import expand_trials
+    from sslab.platform.sweep import expand_trials
 
     tiny_raw.update(seeds=[0, 1])
     tiny_raw["sweep"] = {"data.seed": [3, 4], "method_args.temperature": [0.5]}

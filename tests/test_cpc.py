@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sslab.methods.cpc import ContextNetwork, cpc_info_nce, patch_grid
-from sslab.platform.config import ConfigError, build_study
+from sslab.platform.config import ConfigError
+from sslab.platform.validate import build_study
 
 
 def test_patch_grid_is_row_major_overlapping_patches():

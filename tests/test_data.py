@@ -1,8 +1,11 @@
+from pathlib import Path
+
+import pytest
 import torch
 from PIL import Image
 
-from sslab.platform.config import DataConfig
-from sslab.platform.data import load_dataset
+from sslab.platform.config import ConfigError, DataConfig
+from sslab.platform.data import DatasetEntry, load_dataset
 from sslab.platform.synthetic import SYNTHETIC_CLASSES, make_synthetic
 
 
@@ -59,3 +62,34 @@ def test_imagefolder_subset_is_deterministic(tmp_path):
     cfg = DataConfig(name="imagefolder", root=str(tmp_path / "tree"), image_size=16, subset=5)
     a, b = load_dataset(cfg), load_dataset(cfg)
     assert len(a.train_images) == 5 and torch.equal(a.train_labels, b.train_labels)
+
+
+def test_an_image_dataset_is_one_registry_entry(tmp_path, tiny_raw, monkeypatch):
+    """A user's own format (one tensor file per split) added as one entry: validation checks its
+    root through the entry, the batch against its size, and training data loads through it."""
+    from sslab.platform import data as data_module
+    from sslab.platform.dataset import DataError, Dataset
+    from sslab.platform.validate import build_study
+
+    def load(cfg):
+        train, test = (torch.load(Path(cfg.root) / f"{split}.pt") for split in ("train", "test"))
+        return Dataset("tensors", ["a", "b"], train["x"], train["y"], test["x"], test["y"])
+
+    def check_root(cfg):
+        if not (Path(cfg.root) / "train.pt").is_file():
+            raise DataError(f"{Path(cfg.root) / 'train.pt'} is missing")
+
+    entry = DatasetEntry(load, train_size=lambda cfg: 96, check_root=check_root)
+    monkeypatch.setitem(data_module.DATASETS, "tensors", entry)
+    tiny_raw["data"] = {"name": "tensors", "root": str(tmp_path), "image_size": 16}
+    with pytest.raises(ConfigError, match="data.root.*train.pt is missing"):
+        build_study(tiny_raw)
+    for split, count in (("train", 96), ("test", 32)):
+        images = torch.randint(0, 256, (count, 3, 16, 16), dtype=torch.uint8)
+        torch.save({"x": images, "y": torch.arange(count) % 2}, tmp_path / f"{split}.pt")
+    tiny_raw["train"]["batch_size"] = 128
+    with pytest.raises(ConfigError, match="train.batch_size.*96 training images"):
+        build_study(tiny_raw)
+    tiny_raw["train"]["batch_size"] = 32
+    data = load_dataset(build_study(tiny_raw).data)
+    assert data.train_images.shape == (96, 3, 16, 16) and data.kind == "images"

@@ -12,8 +12,9 @@ import torch.multiprocessing as mp
 
 from conftest import TINY, for_method
 from sslab.methods.registry import METHODS
-from sslab.platform.config import build_study
-from sslab.platform.train import train_loop, trial_config
+from sslab.platform.spec import trial_spec
+from sslab.platform.train import train_loop
+from sslab.platform.validate import build_study
 
 
 def study_for(name: str) -> dict:
@@ -32,7 +33,7 @@ def _join(rank: int, world: int, init_file: str) -> None:
 def _train_every_method(rank, world, init_file, root, out):
     _join(rank, world, init_file)
     for name in sorted(METHODS):
-        config = trial_config(build_study(study_for(name)), f"{root}/{name}", None)
+        config = trial_spec(build_study(study_for(name)), f"{root}/{name}", None)
         try:
             metrics = train_loop(config)
             result = metrics.get("loss", float("nan")) if rank == 0 else "ok"
@@ -70,8 +71,9 @@ def _deterministic_loss(name: str, images: torch.Tensor, index: torch.Tensor):
     torch.manual_seed(0)
     raw = study_for(name)
     study = build_study(raw)
+    from sslab.platform.build import build_method
     from sslab.platform.data import load_dataset
-    from sslab.platform.train import build_method, distribute, make_runtime
+    from sslab.platform.runtime import distribute, make_runtime
 
     data = load_dataset(study.data)
     method = build_method(

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from sslab.methods.clip import END, PAD, START, WordTokenizer, clip_loss
 from sslab.methods.dino import dino_loss
-from sslab.platform.config import build_study
+from sslab.platform.build import build_method
 from sslab.platform.data import load_dataset
-from sslab.platform.train import build_method
+from sslab.platform.validate import build_study
 
 TINY_SGD = {
     "name": "t",
@@ -181,7 +181,7 @@ def test_clip_captions_from_a_template_for_labelled_folders(tiny_raw):
 def test_views_are_declared_and_every_study_override_reaches_them(tiny_raw):
     """The study's `augment:` applies to every view a method declares (BYOL's second view too,
     DINO's local crops too); `augment.views.<name>` to one of them."""
-    from sslab.platform.train import build_method
+    from sslab.platform.build import build_method
 
     tiny_raw.update(method="byol", augment={"blur_p": 0.0, "solarize_p": 0.0})
     study = build_study(tiny_raw)
@@ -227,7 +227,7 @@ def test_view_overrides_are_validated(tiny_raw, augment, key):
 def test_a_view_drawn_zero_times_is_not_built(tiny_raw):
     """SwAV at 16 px draws no local crops; a study-wide crop_scale_min above their 0.14 maximum
     (methods_compare's 0.2) is then no error, and the method builds and trains (it crashed)."""
-    from sslab.platform.train import build_method
+    from sslab.platform.build import build_method
 
     tiny_raw.update(method="swav", augment={"crop_scale_min": 0.2}, method_args={"num_prototypes": 16})
     study = build_study(tiny_raw)
@@ -236,3 +236,22 @@ def test_a_view_drawn_zero_times_is_not_built(tiny_raw):
     assert set(swav.views) == {"global"} and swav.views["global"].recipe.crop_scale_min == 0.2
     loss, _ = swav.training_step(data.train_images[:8], step=0)
     assert torch.isfinite(loss)
+
+
+def test_each_method_reads_collapse_from_its_own_diagnostics(make_method):
+    """DINO Sec. 5.3 / Fig. 7: both collapses drive KL(teacher || student) to 0; the teacher's
+    entropy then tells them apart (log K: uniform, 0: one prototype). Others read z_std."""
+    dino, _ = make_method("dino", out_dim=1024)
+    log_k = math.log(1024)
+    assert dino.collapse_state({"teacher_entropy": 0.999 * log_k, "teacher_student_kl": 0.001}) == (
+        "collapsed (uniform)"
+    )
+    assert (
+        dino.collapse_state({"teacher_entropy": 0.01, "teacher_student_kl": 0.002}) == "collapsed (one-hot)"
+    )
+    assert dino.collapse_state({"teacher_entropy": 0.999 * log_k, "teacher_student_kl": 0.3}) == "learning"
+    assert dino.collapse_state({"teacher_entropy": 0.6 * log_k, "teacher_student_kl": 0.001}) == "learning"
+    simclr, _ = make_method("simclr")
+    assert simclr.collapse_state({"z_std": 1e-5}) == "collapsed (constant)"
+    assert simclr.collapse_state({"z_std": 0.05}) == "learning"
+    assert simclr.collapse_state({"loss": 1.0}) == ""

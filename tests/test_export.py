@@ -95,7 +95,7 @@ def test_a_network_that_is_not_a_plain_backbone_exports_in_sslab_layout(make_met
 
 
 def _study(raw):
-    from sslab.platform.config import build_study
+    from sslab.platform.validate import build_study
 
     return build_study(raw)
 
@@ -182,3 +182,21 @@ def test_export_of_a_run_without_encoder_artifacts_rebuilds_it_from_the_checkpoi
     info = json.loads((out / "encoder.json").read_text())
     assert info["architecture"] == "torchvision.models.resnet18" and info["run_id"] == run_id
     assert runpy_load(out) is not None
+
+
+def test_another_resnet_depth_is_one_registry_entry(make_method, tiny_raw, tmp_path, monkeypatch):
+    """A depth torchvision has no constructor for (ResNet-26 of bottlenecks), added as one line:
+    validated, built, exported in torchvision's layout and loaded back by load.py."""
+    import runpy
+
+    from sslab.platform import backbones
+
+    monkeypatch.setitem(backbones.BACKBONES, "resnet26", backbones.resnet("Bottleneck", (2, 2, 2, 2)))
+    tiny_raw["backbone"] = {"name": "resnet26", "width": 0.125, "cifar_stem": True}
+    method, data = _trained_a_step(make_method)
+    info = write_export(method, _study(tiny_raw), tmp_path)
+    assert info["architecture"] == "torchvision.models.resnet.ResNet" and info["depths"] == [2, 2, 2, 2]
+    model = runpy.run_path(str(tmp_path / "load.py"))["load"](tmp_path)
+    images = data.test_images[:8]
+    with torch.no_grad():
+        assert torch.allclose(model(_normalized(info, images)), method.features(images), atol=1e-5)

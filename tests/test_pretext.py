@@ -295,7 +295,8 @@ def test_mae_loss_is_the_mse_on_masked_normalised_patches():
 
 
 def test_mae_needs_a_vit_and_learns(make_method, tiny_raw):
-    from sslab.platform.config import ConfigError, build_study
+    from sslab.platform.config import ConfigError
+    from sslab.platform.validate import build_study
 
     with pytest.raises(ConfigError, match="backbone.name.*needs one of vit_tiny"):
         build_study(tiny_raw | {"method": "mae"})

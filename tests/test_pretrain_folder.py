@@ -6,9 +6,11 @@ import yaml
 from torchvision.io import write_png
 
 from sslab.platform.cli import main
-from sslab.platform.config import ConfigError, build_study
+from sslab.platform.config import ConfigError
 from sslab.platform.data import load_dataset
-from sslab.platform.train import train_loop, trial_config
+from sslab.platform.spec import trial_spec
+from sslab.platform.train import train_loop
+from sslab.platform.validate import build_study
 
 
 def _unlabelled_folder(root, count=96, size=20):
@@ -32,7 +34,7 @@ def test_a_study_pretrains_on_an_unlabelled_folder_and_evaluates_on_the_labelled
     data = load_dataset(study.data)
     assert data.pretrain_images.shape == (96, 3, 16, 16) and data.pretrain_images.dtype == torch.uint8
     assert len(data.train_images) == 256  # the labelled split, for evaluation
-    metrics = train_loop(trial_config(study, tmp_path / "trial", None))
+    metrics = train_loop(trial_spec(study, tmp_path / "trial", None))
     assert metrics["optimizer_steps"] == 96 // 32  # an epoch is a pass over the pretraining folder
     assert 0 <= metrics["knn_top1"] <= 1  # measured on the labelled set
     assert "pretraining on 96 unlabelled" in capsys.readouterr().out

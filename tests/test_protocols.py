@@ -4,11 +4,13 @@ end-of-run evaluation and `sslab eval` on a run's checkpoint."""
 import pytest
 import torch
 
+from sslab.platform.checkpoint import CHECKPOINT_NAME
 from sslab.platform.cli import main
-from sslab.platform.config import build_study
 from sslab.platform.evaluate import balanced_subset, finetune, fraction_suffix, linear_probe
+from sslab.platform.spec import trial_spec
 from sslab.platform.tracking import Tracker, TrialTracking
-from sslab.platform.train import CHECKPOINT_NAME, train_loop, trial_config
+from sslab.platform.train import train_loop
+from sslab.platform.validate import build_study
 
 
 def _blobs(seed=0, n_train=600, n_test=300, dim=32, classes=6, noise=2.0):
@@ -85,7 +87,7 @@ def test_end_of_run_evaluation_logs_every_protocol_and_its_random_init(tmp_path,
     parent = tracker.start_parent(experiment, "parent", {})
     tags = {"sslab.checkpoint": str(tmp_path / "trial" / CHECKPOINT_NAME)}
     spec = TrialTracking(tracking_uri, experiment, parent, "seed=0", tags=tags)
-    metrics = train_loop(trial_config(build_study(tiny_raw), tmp_path / "trial", spec))
+    metrics = train_loop(trial_spec(build_study(tiny_raw), tmp_path / "trial", spec))
     for key in (
         "eval/knn_top1",
         "eval/linear_top1",
@@ -145,7 +147,7 @@ def test_knn_runs_even_when_not_listed(tmp_path, tiny_raw):
     """kNN is the monitor reports and schedulers read: a study listing only `linear` still has it."""
     tiny_raw["eval"]["protocols"] = ["linear"]
     tiny_raw["train"]["epochs"] = 1
-    metrics = train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
+    metrics = train_loop(trial_spec(build_study(tiny_raw), tmp_path, None))
     assert 0 <= metrics["eval/knn_top1"] <= 1 and 0 <= metrics["eval/linear_top1"] <= 1
 
 

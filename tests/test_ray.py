@@ -8,10 +8,11 @@ import re
 import pytest
 from test_streaming import write_folder
 
-from sslab.platform.config import build_study
+from sslab.platform.ray_cluster import trial_resources
 from sslab.platform.report import build_report
-from sslab.platform.study import ray_share, run_study, trial_resources
+from sslab.platform.study import ray_share, run_study
 from sslab.platform.tracking import Tracker
+from sslab.platform.validate import build_study
 
 pytestmark = pytest.mark.ray
 
@@ -368,7 +369,7 @@ def test_an_interrupted_study_skips_the_trials_that_never_started():
     (was: a TypeError that left the parent run open)."""
     from types import SimpleNamespace
 
-    from sslab.platform.study import trial_statuses
+    from sslab.platform.tune_run import trial_statuses
 
     ran = SimpleNamespace(config=None, metrics={"sslab_trial": "seed=0"}, error=None)
     never_started = SimpleNamespace(config=None, metrics={}, error=None)

@@ -14,7 +14,8 @@ import yaml
 
 from conftest import REPO, apply_change
 from sslab.platform.cli import main
-from sslab.platform.config import ConfigError, build_study, load_study
+from sslab.platform.config import ConfigError
+from sslab.platform.validate import build_study, load_study
 
 
 def write(tmp_path, raw, name="study.yaml"):
@@ -301,10 +302,11 @@ OPEN_STORE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from sslab.platform.study import StudyPaths, open_store
+    from sslab.platform.tracking import default_tracking_uri
     while time.time() < float(sys.argv[2]):
         time.sleep(0.005)
     paths = StudyPaths(Path(sys.argv[1]))
-    open_store(paths, paths.tracking_uri, sys.argv[3])
+    open_store(paths, default_tracking_uri(paths.workdir), sys.argv[3])
     print("ok")
 """)
 
@@ -341,9 +343,10 @@ def test_latest_invocation_file_is_replaced_atomically(tmp_path):
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_raw, capsys):
+    from sslab.platform.build import build_method
+    from sslab.platform.checkpoint import load_checkpoint, save_checkpoint
     from sslab.platform.data import load_dataset
     from sslab.platform.optim import build_optimizer
-    from sslab.platform.train import build_method, load_checkpoint, save_checkpoint
 
     study = build_study(tiny_raw)
     data = load_dataset(study.data)

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import REPO, TINY
-from sslab.platform.config import build_study
 from sslab.platform.data import load_dataset, scan_image_folder, scan_unlabelled_folder
+from sslab.platform.spec import trial_spec
 from sslab.platform.streaming import ImageFiles, TooManyBadFiles, epoch_batches, epoch_order, rank_batches
+from sslab.platform.validate import build_study
 
 
 def write_folder(root, classes: int, per_class: int, size: int = 20, seed: int = 0):
@@ -90,7 +91,7 @@ def test_a_run_resumed_inside_an_epoch_sees_each_image_once(tmp_path, monkeypatc
         return real_step(model, method, optimizer, images, step, index, amp)
 
     monkeypatch.setattr(train_module, "train_step", recording_step)
-    config = train_module.trial_config(build_study(raw), tmp_path / "trial", None)
+    config = trial_spec(build_study(raw), tmp_path / "trial", None)
     crash = [True]
     with pytest.raises(KeyboardInterrupt):
         train_module.train_loop(config)
@@ -121,8 +122,9 @@ def test_unreadable_files_are_skipped_and_counted_then_fail_the_run_past_the_lim
 BOUNDED = r"""
 import json, sys, psutil, torch, torchvision.io
 import sslab.platform.train as train_module
-from sslab.platform.config import build_study
+from sslab.platform.validate import build_study
 from sslab.platform.data import load_dataset
+from sslab.platform.spec import trial_spec
 runs, root = json.loads(sys.argv[1]), sys.argv[2]
 rss = lambda: psutil.Process().memory_info().rss
 real_step, samples = train_module.train_step, []
@@ -134,7 +136,7 @@ train_module.train_step = step
 result = {}
 for name, raw in runs.items():  # in one process: the allocator's reuse is the same for both
     samples.clear()
-    train_module.train_loop(train_module.trial_config(build_study(raw), f"{root}/{name}", None))
+    train_module.train_loop(trial_spec(build_study(raw), f"{root}/{name}", None))
     result[name] = {"peak": max(samples), "steps": len(samples)}
 print(json.dumps(result))
 """
@@ -200,7 +202,7 @@ def test_crops_come_from_the_stored_resolution_with_source_size(tmp_path, monkey
     16 px square, where the stripes are grey; with source_size 64 it is cut from the files' 64 px
     and keeps them. Evaluation still reads 16 px, and a training run streams the 64 px batches."""
     import sslab.platform.train as train_module
-    from sslab.platform.train import build_method
+    from sslab.platform.build import build_method
 
     for split, count in (("train", 16), ("test", 4)):
         for c in range(2):
@@ -235,7 +237,7 @@ def test_crops_come_from_the_stored_resolution_with_source_size(tmp_path, monkey
         return real_step(model, method, optimizer, images, step, index, amp)
 
     monkeypatch.setattr(train_module, "train_step", recording_step)
-    train_module.train_loop(train_module.trial_config(build_study(raw), tmp_path / "trial", None))
+    train_module.train_loop(trial_spec(build_study(raw), tmp_path / "trial", None))
     assert shapes == [(16, 3, 64, 64)] * 2
 
 

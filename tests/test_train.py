@@ -10,15 +10,18 @@ import torch
 
 from conftest import for_method
 from sslab.methods.registry import METHODS
-from sslab.platform.config import build_study
+from sslab.platform.build import build_method
+from sslab.platform.checkpoint import CHECKPOINT_NAME
 from sslab.platform.data import load_dataset
 from sslab.platform.optim import LARS, learning_rate
+from sslab.platform.spec import trial_spec
 from sslab.platform.tracking import Tracker, TrialTracking
-from sslab.platform.train import CHECKPOINT_NAME, build_method, train_loop, trial_config
+from sslab.platform.train import train_loop
+from sslab.platform.validate import build_study
 
 
 def test_two_epochs_write_checkpoint_and_metrics(tmp_path, tiny_raw):
-    metrics = train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
+    metrics = train_loop(trial_spec(build_study(tiny_raw), tmp_path, None))
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     assert state["epoch"] == 2 and state["step"] == 2 * (256 // 64)
     assert {"loss", "knn_top1", "knn_top5", "lr", "images_per_s", "epoch"} <= set(metrics)
@@ -28,7 +31,7 @@ def test_two_epochs_write_checkpoint_and_metrics(tmp_path, tiny_raw):
 def test_step_lines_give_throughput_and_the_time_left(tmp_path, tiny_raw, capsys):
     import re
 
-    train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
+    train_loop(trial_spec(build_study(tiny_raw), tmp_path, None))
     lines = [line for line in capsys.readouterr().out.splitlines() if " step " in line]
     pattern = (
         r"epoch (\d)/2 step (\d)/4 loss [\d.]+ \| \d+ img/s \| "
@@ -43,9 +46,9 @@ def test_step_lines_give_throughput_and_the_time_left(tmp_path, tiny_raw, capsys
 
 
 def test_resume_continues_from_checkpoint(tmp_path, tiny_raw, capsys):
-    train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
+    train_loop(trial_spec(build_study(tiny_raw), tmp_path, None))
     tiny_raw["train"]["epochs"] = 3
-    metrics = train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
+    metrics = train_loop(trial_spec(build_study(tiny_raw), tmp_path, None))
     assert "resumed" in capsys.readouterr().out and metrics["epoch"] == 3
     assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["epoch"] == 3
 
@@ -53,7 +56,7 @@ def test_resume_continues_from_checkpoint(tmp_path, tiny_raw, capsys):
 def test_non_finite_loss_fails_the_trial(tmp_path, tiny_raw):
     tiny_raw["train"]["lr"] = 1e30
     with pytest.raises(FloatingPointError):
-        train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
+        train_loop(trial_spec(build_study(tiny_raw), tmp_path, None))
 
 
 def test_warmup_then_cosine():
@@ -91,11 +94,12 @@ def test_every_method_takes_two_steps(name, tiny_raw):
 
 KILL_SCRIPT = """
 import json, sys
-from sslab.platform.config import build_study
-from sslab.platform.train import train_loop, trial_config
+from sslab.platform.validate import build_study
+from sslab.platform.train import train_loop
+from sslab.platform.spec import trial_spec
 from sslab.platform.tracking import TrialTracking
 raw, trial_dir, tracking = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
-train_loop(trial_config(build_study(raw), trial_dir, TrialTracking(**tracking)))
+train_loop(trial_spec(build_study(raw), trial_dir, TrialTracking(**tracking)))
 """
 
 
@@ -143,7 +147,7 @@ def train_tracked(tmp_path, raw: dict, tracking_uri: str) -> tuple[Tracker, str]
     experiment = tracker.experiment("test", tmp_path / "artifacts")
     parent = tracker.start_parent(experiment, "parent", {"sslab.role": "study"})
     tracking = TrialTracking(tracking_uri, experiment, parent, "seed=0")
-    train_loop(trial_config(build_study(raw), tmp_path / "trial", tracking))
+    train_loop(trial_spec(build_study(raw), tmp_path / "trial", tracking))
     return tracker, tracker.child_runs(experiment, parent)[0].info.run_id
 
 
@@ -159,7 +163,7 @@ def test_probes_log_every_protocol_at_their_fractions_of_training(tmp_path, tiny
 
 def test_bf16_autocast_and_channels_last_switches_train(tmp_path, tiny_raw):
     tiny_raw["train"].update(amp=True, channels_last=True, epochs=1)
-    metrics = train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
+    metrics = train_loop(trial_spec(build_study(tiny_raw), tmp_path, None))
     assert torch.isfinite(torch.tensor(metrics["loss"])) and 0 <= metrics["knn_top1"] <= 1
 
 
@@ -171,7 +175,7 @@ def test_bf16_falls_back_to_fp32_where_the_device_only_emulates_it(tmp_path, tin
     monkeypatch.setattr(train_module, "native_bf16", lambda device: False)
     monkeypatch.setattr(train_module, "train_step", lambda *a: autocast_states.append(a[-1]) or real_step(*a))
     tiny_raw["train"].update(amp=True, epochs=1)
-    train_loop(trial_config(build_study(tiny_raw), tmp_path, None))
+    train_loop(trial_spec(build_study(tiny_raw), tmp_path, None))
     assert autocast_states and not any(autocast_states)
     assert "no native bf16" in capsys.readouterr().out
 
@@ -206,3 +210,5 @@ def test_the_monitor_follows_every_network_to_the_last_epoch(tmp_path, tiny_raw,
     for key in ("knn_top1", "student_knn_top1"):
         assert sorted(m.step for m in history(run_id, key)) == [1, 2]
         assert [m.step for m in history(run_id, f"random_init_{key}")] == [0]
+    # the method's own collapse verdict on its last epoch, for the report's table
+    assert tracker.client.get_run(run_id).data.tags["sslab.collapse"] in ("learning", "collapsed (uniform)")

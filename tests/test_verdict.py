@@ -99,8 +99,9 @@ def test_verdict_is_reproduced_only_when_every_ordering_agrees():
 def test_the_paper_section_stays_out_of_trial_params():
     import re
 
-    from sslab.platform.config import load_study
-    from sslab.platform.study import expand_trials, trial_params
+    from sslab.platform.sweep import expand_trials
+    from sslab.platform.tune_run import trial_params
+    from sslab.platform.validate import load_study
 
     study, raw = load_study("studies/simclr_temperature.yaml")
     params = trial_params(expand_trials(study, raw)[0].study)
@@ -111,11 +112,12 @@ def test_the_paper_section_stays_out_of_trial_params():
 def test_sweep_plot_handles_grids_and_points_with_their_own_keys():
     import pandas as pd
 
-    from sslab.platform.report import _parse_point, _plot_sweep, point_name
+    from sslab.platform.report_plots import plot_sweep
+    from sslab.platform.report_runs import parse_point, point_name
 
     def with_points(frame):  # as load_study_runs gives them (here from the names, as for old runs)
         frame["point"] = frame["trial"].map(point_name)
-        frame["point_values"] = frame["point"].map(_parse_point)
+        frame["point_values"] = frame["point"].map(parse_point)
         return frame
 
     grid = pd.DataFrame(
@@ -130,10 +132,10 @@ def test_sweep_plot_handles_grids_and_points_with_their_own_keys():
         }
     )
     grid = with_points(grid)
-    assert _plot_sweep(grid, "eval/linear_top1", {}, {"method_args.projection": ["none", "mlp"]})
+    assert plot_sweep(grid, "eval/linear_top1", {}, {"method_args.projection": ["none", "mlp"]})
     points = pd.DataFrame(
         {"trial": ["method=simclr,seed=0", "method=byol,lr=0.3,tau_base=0.9,seed=0"], "knn_top1": [0.3, 0.25]}
     )
     points = with_points(points)
-    assert _plot_sweep(points, "knn_top1", {})  # one bar per point (methods_compare)
-    assert _plot_sweep(points, "eval/linear_top1", {}) is None
+    assert plot_sweep(points, "knn_top1", {})  # one bar per point (methods_compare)
+    assert plot_sweep(points, "eval/linear_top1", {}) is None

@@ -10,10 +10,12 @@ from PIL import Image
 
 from conftest import TINY, for_method
 from sslab.methods.video_colorization import ab_kmeans, copied_colour_loss
-from sslab.platform.config import ConfigError, DataConfig, EvalConfig, build_study
-from sslab.platform.data import DataError, load_dataset
+from sslab.platform.config import ConfigError, DataConfig, EvalConfig
+from sslab.platform.data import load_dataset
+from sslab.platform.dataset import DataError
 from sslab.platform.propagation import propagate, propagation_scores, region_similarity
 from sslab.platform.synthetic_video import synthetic_video
+from sslab.platform.validate import build_study
 
 
 def video_raw(**data) -> dict:

@@ -28,10 +28,12 @@ import torch
 from torch import nn
 
 from sslab.platform.augment import ColorJitter
-from sslab.platform.config import TrainConfig, build_study
+from sslab.platform.build import build_method
+from sslab.platform.config import TrainConfig
 from sslab.platform.data import load_dataset
 from sslab.platform.optim import build_optimizer
-from sslab.platform.train import build_method, train_step
+from sslab.platform.train import train_step
+from sslab.platform.validate import build_study
 
 
 class ViewFeed(nn.Module):
@@ -106,7 +108,7 @@ def measured_ceiling(device: torch.device, n: int = 2048, repeats: int = 5) -> d
     bf16 ceiling where bf16 is emulated (it is no ceiling, and takes minutes to measure)."""
     import statistics
 
-    from sslab.platform.train import native_bf16
+    from sslab.platform.runtime import native_bf16
 
     ceiling = {}
     kinds = (
@@ -268,7 +270,7 @@ def _streaming_bench(args, study, data, device) -> dict:
         step(data.train_images[index.to(device)], index)
     engines = {"stream": "dataloader"}
     if args.ray_data:
-        from sslab.platform.study import start_local_ray
+        from sslab.platform.ray_cluster import start_local_ray
 
         start_local_ray()
         engines["stream_ray_data"] = "ray_data"
