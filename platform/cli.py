@@ -23,6 +23,16 @@ def _workdir(args) -> Path:
     return Path(args.workdir or os.environ.get("SSLAB_WORKDIR") or "sslab-runs").resolve()
 
 
+def _check_folder(path: Path, key: str) -> None:
+    """A folder a command will write: refused now, before anything runs, where a file stands in
+    its way (the folder itself or one above it)."""
+    for place in (path, *path.parents):
+        if place.exists():
+            if not place.is_dir():
+                raise ConfigError(key, str(place), "is a file, not a folder")
+            return
+
+
 def _tracking_uri(args) -> str:
     from sslab.platform.tracking import resolve_tracking_uri
 
@@ -53,6 +63,8 @@ def cmd_run(args) -> int:
 
     overrides = args.set + ([f"register_model={args.register}"] if args.register else [])
     study, raw = load_study(args.study, overrides)
+    if not args.no_report:
+        _check_folder(Path(args.reports).resolve() / study.name, "--reports")
 
     command = "sslab " + shlex.join(args.argv)
     result = run_study(
@@ -95,7 +107,11 @@ def cmd_report(args) -> int:
     check_study_name(name, "sslab report", "STUDY")
     uri = _tracking_uri(args)
     require_store(uri, "--tracking-uri")
-    out = build_report(name, uri, Path(args.reports) / name, parent_run_id=args.parent_run)
+    _check_folder(Path(args.reports).resolve() / name, "--reports")
+    try:
+        out = build_report(name, uri, Path(args.reports) / name, parent_run_id=args.parent_run)
+    except LookupError as err:  # no such experiment or invocation in the store
+        raise ConfigError(uri, "STUDY", str(err)) from None
     print(f"report: {out / 'report.md'} and {out / 'report.html'}")
     return 0
 
@@ -189,8 +205,11 @@ def cmd_export(args) -> int:
 
     from sslab.platform.export import load_lines
 
-    tracker, run = _tracked_run(args)
     out = Path(args.out).resolve()
+    _check_folder(out, "--out")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise ConfigError("--out", str(out), "is not empty (--force writes the export into it anyway)")
+    tracker, run = _tracked_run(args)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             folder = Path(tracker.client.download_artifacts(args.run, "encoder", tmp))
@@ -344,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("run", help="MLflow run id of a trial (see the report's run links)")
     ex.add_argument("--out", required=True, help="folder for encoder.pt, encoder.json and load.py")
+    ex.add_argument("--force", action="store_true", help="write into --out even if it holds files")
     common(ex)
     ex.set_defaults(fn=cmd_export)
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")

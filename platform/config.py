@@ -57,7 +57,8 @@ class DataConfig:
     download: bool = False
     subset: Optional[int] = check(default=None, gt=0)  # train images kept (deterministic)
     test_subset: Optional[int] = check(default=None, gt=0)
-    image_size: int = check(default=32, ge=8)  # synthetic size; others resized to it
+    # synthetic size; others resized to it. At most 1024: a batch of 256 such images is 800 MB as uint8.
+    image_size: int = check(default=32, ge=8, le=1024)
     train_size: int = check(default=5000, gt=0)  # synthetic only
     test_size: int = check(default=1000, gt=0)  # synthetic only
     seed: int = 0  # synthetic generation / subsets
@@ -84,7 +85,7 @@ class DataConfig:
     # Streaming: pretraining batches decoded at this size (e.g. 256 for images stored at ~256 px),
     # so the method's random crops come from the stored detail, then go down to image_size.
     # None: decoded at image_size (crops from the shrunk square). Evaluation reads image_size.
-    source_size: Optional[int] = check(default=None, ge=8)
+    source_size: Optional[int] = check(default=None, ge=8, le=4096)
 
 
 @dataclass
@@ -445,6 +446,8 @@ def load_yaml(path: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- names
+
+SEED_KEY = "train.seed"  # set per trial from the study's `seeds`, never swept
 
 
 STUDY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")

@@ -84,11 +84,46 @@ def resized(images: torch.Tensor, size: int) -> torch.Tensor:
     return resized.round().clamp(0, 255).byte()
 
 
+# A decoded image larger than this is refused before its pixels are decoded: a few MB of PNG can
+# declare 30000 x 30000 pixels (2.7 GB decoded, 10.8 GB once resized in float).
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
 def read_image(path: Path, size: int) -> torch.Tensor:
+    """uint8 RGB [3, size, size] of an image file. Its header is read first (Pillow): the size is
+    bounded before anything is decoded. JPEGs are then decoded by torchvision (libjpeg-turbo,
+    the fast path for photo datasets); every other format by Pillow, whose decoders raise on a
+    damaged file where libpng, through torchvision, crashed the process (a PNG whose image data
+    ends before its first row)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise DataError(
+                    f"{path}: declares {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} "
+                    "an image may have (a decompression bomb?)"
+                )
+            if width == 0 or height == 0:
+                raise DataError(f"{path}: has no pixels ({width}x{height})")
+            decoded = _decode_jpeg(path) if image.format == "JPEG" else _decode_with_pillow(image)
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: cannot decode ({err})") from None
+    return decoded if decoded.shape[-2:] == (size, size) else resized(decoded[None], size)[0]
+
+
+def _decode_jpeg(path: Path) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image, read_file
 
     try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     except RuntimeError as err:  # torchvision's messages end with the reason after the last comma
         raise DataError(f"{path}: cannot decode ({str(err).rsplit(',', 1)[-1].strip()})") from None
-    return image if image.shape[-2:] == (size, size) else resized(image[None], size)[0]
+
+
+def _decode_with_pillow(image) -> torch.Tensor:
+    import numpy as np
+
+    rgb = np.asarray(image.convert("RGB"))  # raises OSError on truncated or damaged data
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()

@@ -70,11 +70,12 @@ def run_study(
         if local:
             check_fits_local_cluster(trial_study, source)
     check_writable(paths.workdir)
-    ray_started = time.time()
-    init_ray(ray_address)
-    ray_start_seconds = time.time() - ray_started
     busy = f"study {study.name!r} is already running in this workdir; wait for it, or use another --workdir"
+    # The lock before Ray: a second run of the study is refused at once, not after Ray's start.
     with locked(paths.study_dir(study.name) / ".lock", wait=False, busy_message=busy):
+        ray_started = time.time()
+        init_ray(ray_address)
+        ray_start_seconds = time.time() - ray_started
         return _run_locked(
             study, raw, trials, source_text, paths, uri, ray_address, resume, command, ray_start_seconds
         )

@@ -9,10 +9,9 @@ import math
 import random
 from dataclasses import dataclass
 
-from sslab.platform.config import SearchConfig, StudyConfig, as_distribution, point_keys, set_dotted
+from sslab.platform.config import SEED_KEY, SearchConfig, StudyConfig, as_distribution, point_keys, set_dotted
 from sslab.platform.validate import build_study
 
-SEED_KEY = "train.seed"
 POINTS_KEY = "points"
 
 

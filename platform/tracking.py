@@ -25,7 +25,18 @@ PARAM_VALUE_LIMIT = 6000
 
 
 def default_tracking_uri(workdir: Path) -> str:
-    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+    """The workdir's sqlite store. A path with '?', '#' or '%' would be read as a URL's query,
+    fragment or escape: the store would land elsewhere (measured: beside the workdir)."""
+    path = Path(workdir).resolve() / "mlflow.db"
+    special = sorted(set("?#%") & set(str(path)))
+    if special:
+        raise ConfigError(
+            str(workdir),
+            "--workdir",
+            f"{' and '.join(repr(c) for c in special)} in its path would misplace the MLflow store's "
+            "sqlite URI; use another folder (or --tracking-uri)",
+        )
+    return f"sqlite:///{path}"
 
 
 def resolve_tracking_uri(given: str | None, workdir: Path) -> str:

@@ -15,6 +15,7 @@ from sslab.methods.registry import get_method_class
 from sslab.platform.augment import resolve_views
 from sslab.platform.backbones import BACKBONES
 from sslab.platform.config import (
+    SEED_KEY,
     STUDY_NAME,
     AugmentOverrides,
     ConfigError,
@@ -122,9 +123,15 @@ def _check_views(study: StudyConfig, method_cls, source: str) -> None:
             )
 
 
+MAX_SEED = 2**31 - 1  # MLflow stores params and metrics in sqlite's 64-bit integers; torch takes any
+
+
 def _check_seeds(seeds: list[int], source: str) -> None:
     if not seeds:
         raise ConfigError(source, "seeds", "needs at least one seed")
+    for i, seed in enumerate(seeds):
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(source, f"seeds[{i}]", f"{seed} is not in [0, {MAX_SEED}]")
     _check_unique(seeds, "seeds", source)
 
 
@@ -225,6 +232,11 @@ def _check_sweep(raw: dict, study: StudyConfig, source: str) -> None:
     sampled = study.search.name != "grid"
     for dotted, values in study.sweep.items():
         key = f"sweep.{dotted}"
+        points = values if dotted == "points" and isinstance(values, list) else []
+        if dotted == SEED_KEY or any(isinstance(p, dict) and SEED_KEY in p for p in points):
+            raise ConfigError(
+                source, key, f"{SEED_KEY} is not swept: each point runs once per seed of `seeds`"
+            )
         spec = as_distribution(values)
         if spec is not None:
             if not sampled:
@@ -259,6 +271,13 @@ def _check_sweep(raw: dict, study: StudyConfig, source: str) -> None:
         raise ConfigError(source, "scheduler.mutations", "pbt needs at least one key to mutate")
     if study.scheduler.name == "pbt" and study.train.num_workers > 1:
         raise ConfigError(source, "scheduler.name", "pbt runs single-worker trials (train.num_workers: 1)")
+    if study.scheduler.name == "asha" and study.scheduler.grace_period > study.train.epochs:
+        raise ConfigError(
+            source,
+            "scheduler.grace_period",
+            f"{study.scheduler.grace_period} is more than train.epochs={study.train.epochs}: "
+            "ASHA would stop no trial before its end",
+        )
     _check_scheduler_sees_fresh_knn(study, source)
 
 

@@ -34,11 +34,28 @@ def test_quickstart_is_valid():
         ({"backbone": {"name": "resnet19"}}, "backbone.name"),
         ({"sweep": {"method_args.temperature": [0.1, -1]}}, "sweep.method_args.temperature"),
         # A scheduler ranking on kNN that is not fresh at its rungs / perturbations.
-        ({"scheduler": {"name": "asha"}, "eval": {"knn_every": 0}}, "scheduler.grace_period"),
         (
-            {"scheduler": {"name": "asha", "grace_period": 3}, "eval": {"knn_every": 2}},
+            {"scheduler": {"name": "asha"}, "eval": {"knn_every": 0}, "train": {"epochs": 12}},
             "scheduler.grace_period",
         ),
+        (
+            {
+                "scheduler": {"name": "asha", "grace_period": 3},
+                "eval": {"knn_every": 2},
+                "train": {"epochs": 12},
+            },
+            "scheduler.grace_period",
+        ),
+        # ASHA's first rung after the last epoch: it would stop nothing (it asserted, after the parent run)
+        (
+            {"scheduler": {"name": "asha", "grace_period": 5, "metric": "loss", "mode": "min"}},
+            "scheduler.grace_period",
+        ),
+        # seeds come from `seeds:`; a swept seed was dropped ("seed=0, seed=0") and the study failed
+        ({"sweep": {"train.seed": [5, 6]}}, "sweep.train.seed"),
+        # beyond sqlite's integers: it overflowed inside the trial, after 32 paths were written
+        ({"seeds": [10000000000000000000]}, "seeds[0]"),
+        ({"data": {"image_size": 1000000}}, "data.image_size"),
         (
             {"scheduler": {"name": "pbt", "mutations": {"train.lr": [0.1, 0.2]}}, "eval": {"knn_every": 0}},
             "scheduler.perturbation_interval",
@@ -168,6 +185,7 @@ def test_an_unknown_key_suggests_the_closest_known_one(tiny_raw):
 
 
 def test_a_scheduler_on_a_fresh_knn_or_on_the_loss_is_accepted(tiny_raw):
+    tiny_raw["train"]["epochs"] = 10
     tiny_raw["eval"] = {"knn_every": 2}
     tiny_raw["scheduler"] = {"name": "asha", "grace_period": 4}
     assert build_study(tiny_raw).scheduler.grace_period == 4

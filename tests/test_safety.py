@@ -3,10 +3,12 @@
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import textwrap
 import time
+import zlib
 
 import pytest
 import torch
@@ -162,7 +164,21 @@ def folder_study(tmp_path, tiny_raw, root):
     return write(tmp_path, tiny_raw, "folder.yaml")
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "truncated", "empty", "test_class_missing", "empty_class"])
+def png_bytes(width: int, height: int, pixel_rows: bytes, end: bool = True) -> bytes:
+    """A PNG written chunk by chunk (RGB, 8 bits), with whatever image data it is given."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(pixel_rows))
+    return b"\x89PNG\r\n\x1a\n" + body + (chunk(b"IEND", b"") if end else b"")
+
+
+DAMAGES = ["corrupt", "truncated", "empty", "test_class_missing", "empty_class", "no_pixels", "bomb"]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_bad_image_folders_are_refused_naming_the_file(tmp_path, tiny_raw, capsys, monkeypatch, damage):
     monkeypatch.setenv("SSLAB_CACHE", str(tmp_path / "cache"))
     data = make_folder(tmp_path / "data")
@@ -173,6 +189,10 @@ def test_bad_image_folders_are_refused_naming_the_file(tmp_path, tiny_raw, capsy
         bad.write_bytes(bad.read_bytes()[:60])
     elif damage == "empty":
         bad.write_bytes(b"")
+    elif damage == "no_pixels":  # 0x0: refused, and without libpng's lines of noise
+        bad.write_bytes(png_bytes(0, 0, b""))
+    elif damage == "bomb":  # 2.6 MB could declare this: 2.7 GB decoded, then 10.8 GB resized
+        bad.write_bytes(png_bytes(30000, 30000, b"\x00" * 1000))
     elif damage == "test_class_missing":
         (data / "test" / "zebra").mkdir()
         bad = data / "test" / "zebra"
@@ -186,6 +206,23 @@ def test_bad_image_folders_are_refused_naming_the_file(tmp_path, tiny_raw, capsy
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(bad) in err and "data.root" in err, err
     assert not workdir.exists() and not (tmp_path / "reports").exists()
+
+
+def test_a_png_whose_data_ends_before_a_row_is_refused_not_a_crash(tmp_path, tiny_raw):
+    """libpng (through torchvision) killed the process with SIGSEGV on it, naming no file."""
+    data = make_folder(tmp_path / "data")
+    bad = data / "train" / "a" / "002.png"
+    bad.write_bytes(png_bytes(12, 12, b"\x00" + b"\x10" * 20, end=False))
+    path = folder_study(tmp_path, tiny_raw, data)
+    command = ["run", str(path), "--workdir", str(tmp_path / "runs"), "--reports", str(tmp_path / "r")]
+    script = f"import sys; from sslab.platform.cli import main; sys.exit(main({command!r}))"
+    env = os.environ | {"SSLAB_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 2, done.stderr[-600:]
+    assert done.stderr.strip().count("\n") == 0 and str(bad) in done.stderr and "truncated" in done.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_image_cache_reads_an_image_edited_in_place_again(tmp_path, monkeypatch):
@@ -279,9 +316,15 @@ HOLD_LOCK = textwrap.dedent("""
 """)
 
 
-def test_a_second_run_of_a_running_study_is_refused(tmp_path, tiny_raw, capsys):
+def test_a_second_run_of_a_running_study_is_refused(tmp_path, tiny_raw, capsys, monkeypatch):
     """The first run holds its study's lock for as long as it runs; a second `sslab run` of the
-    same study in the same workdir would share latest.json and the report, and is refused."""
+    same study in the same workdir would share latest.json and the report, and is refused, at
+    once: before Ray starts (it was refused only after Ray's ~37 s start)."""
+
+    def ray_started(*args, **kwargs):
+        raise AssertionError("Ray started before the study's lock was taken")
+
+    monkeypatch.setattr("sslab.platform.study.init_ray", ray_started)
     path = write(tmp_path, tiny_raw)
     lock = tmp_path / "runs" / "studies" / "tiny" / ".lock"
     holder = subprocess.Popen(
@@ -383,3 +426,53 @@ def test_a_config_error_survives_the_copy_and_pickle_ray_makes_of_it():
     error = ConfigError("<trial>", "data.root", "x is not a directory")
     for clone in (copy.copy(error), pickle.loads(pickle.dumps(error))):
         assert str(clone) == str(error) and clone.key == "data.root"
+
+
+def test_report_of_a_study_the_store_never_ran_is_a_one_line_error(tmp_path, tiny_raw, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    fake_invocation(tmp_path, tiny_raw, uri)  # the store exists, with another study in it
+    capsys.readouterr()
+    code = main(["report", "never_ran", "--tracking-uri", uri, "--reports", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "never_ran" in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_reports_naming_a_file_is_refused_before_training(tmp_path, tiny_raw, capsys):
+    """The whole study trained, then NotADirectoryError (53 paths written)."""
+    (tmp_path / "reports").write_text("my notes\n")
+    path = write(tmp_path, tiny_raw)
+    code = main(
+        ["run", str(path), "--workdir", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "--reports" in err and "is a file" in err, err
+    assert not (tmp_path / "runs").exists() and (tmp_path / "reports").read_text() == "my notes\n"
+
+
+def test_export_keeps_what_a_folder_holds_and_refuses_a_file(tmp_path, capsys):
+    """`sslab export` silently replaced a user's encoder.pt; --out naming a file raised."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "encoder.pt").write_text("the user's own weights")
+    code = main(["export", "0123abcd", "--out", str(folder), "--workdir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "not empty" in err and "--force" in err, err
+    assert (folder / "encoder.pt").read_text() == "the user's own weights"
+    (tmp_path / "a_file").write_text("x")
+    code = main(
+        ["export", "0123abcd", "--out", str(tmp_path / "a_file"), "--workdir", str(tmp_path / "runs")]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "is a file" in err, err
+
+
+def test_a_workdir_whose_path_a_url_misreads_is_refused(tmp_path, tiny_raw, capsys):
+    """With '?' in the workdir the sqlite URI ended there: mlflow.db went beside the workdir and
+    `sslab report` then found no store."""
+    path = write(tmp_path, tiny_raw)
+    workdir = tmp_path / "runs?v2"
+    assert main(["run", str(path), "--workdir", str(workdir), "--reports", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--workdir" in err and "'?'" in err, err
+    assert not list(tmp_path.rglob("mlflow.db")) and not workdir.exists()
