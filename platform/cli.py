@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="throughput: sslab's data path vs a DataLoader pipeline vs the bare step"
     )
-    from sslab.benchmarks.bench import add_arguments
+    from sslab.benchmarks.bench_args import add_arguments
 
     add_arguments(bench)
     bench.set_defaults(fn=cmd_bench)

@@ -17,6 +17,7 @@ from pathlib import Path
 from sslab.platform.config import ConfigError
 
 TRIAL_TAG = "sslab.trial"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 DATA_KIND_TAG = "sslab.data_kind"  # the dataset registry's kind: "images" or "video"
 COLLAPSE_TAG = "sslab.collapse"  # the method's collapse verdict on its last epoch
 # Artifact downloads (configs, label subsets) are tiny: no progress bars in the CLI's output.
@@ -101,7 +102,11 @@ class Tracker:
         existing = self.client.get_experiment_by_name(name)
         if existing is not None:
             return existing.experiment_id
-        return self.client.create_experiment(name, artifact_location=Path(artifact_root).resolve().as_uri())
+        # MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces,
+        # prompts); this kind opens it on its runs.
+        tags = {EXPERIMENT_KIND_TAG: "custom_model_development"}
+        location = Path(artifact_root).resolve().as_uri()
+        return self.client.create_experiment(name, artifact_location=location, tags=tags)
 
     def start_parent(self, experiment_id: str, run_name: str, tags: dict) -> str:
         run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)

@@ -401,8 +401,10 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[StudyConfig
     """Loads, overrides and validates a study file. Returns (typed study, raw dict)."""
     source = str(path)
     raw = load_yaml(path)
+    overridden = []
     for text in overrides:
         key, value = parse_override(text, source=f"{source} --set")
+        overridden.append(key)
         if key.startswith("sweep."):  # a sweep's keys are themselves dotted paths
             raw.setdefault("sweep", {})[key.removeprefix("sweep.")] = value
         else:
@@ -414,4 +416,16 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[StudyConfig
         if isinstance(path, str) and path and ":" not in path and not Path(path).expanduser().is_absolute():
             # Trials run in other folders (Ray moves them): a path relative to here is made absolute.
             raw["data"][key] = str(Path(path).expanduser().resolve())
-    return build_study(raw, source), raw
+    try:
+        return build_study(raw, source), raw
+    except ConfigError as err:
+        # A mistake in a value given with --set is named there, not in the file
+        if any(_same_branch(err.key, key) for key in overridden):
+            raise ConfigError(f"{source} --set", err.key, err.message) from None
+        raise
+
+
+def _same_branch(a: str, b: str) -> bool:
+    """'train.epoks' and 'train.epoks', or one a parent of the other ('sweep.x' and 'sweep.x[1]')."""
+    a, b = a.split("[")[0], b.split("[")[0]
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")

@@ -192,3 +192,13 @@ def test_a_scheduler_on_a_fresh_knn_or_on_the_loss_is_accepted(tiny_raw):
     tiny_raw["eval"] = {"knn_every": 0}
     tiny_raw["scheduler"] = {"name": "asha", "metric": "loss", "mode": "min"}
     assert build_study(tiny_raw).scheduler.metric == "loss"
+
+
+def test_a_mistake_in_a_set_value_is_named_there_not_in_the_file(tmp_path, tiny_raw, capsys):
+    path = write(tmp_path, tiny_raw)
+    assert main(["validate", str(path), "--set", "train.epoks=2"]) == 2
+    assert f"{path} --set: train.epoks: unknown key" in capsys.readouterr().err
+    tiny_raw["train"]["epoks"] = 2  # the same mistake in the file is the file's
+    path = write(tmp_path, tiny_raw)
+    assert main(["validate", str(path)]) == 2
+    assert f"{path}: train.epoks: unknown key" in capsys.readouterr().err

@@ -149,3 +149,11 @@ def test_a_command_names_no_absolute_folder_of_this_machine(tmp_path, monkeypatc
     assert portable_arg(f"data.root={data}") == "data.root=../shared/cifar"
     assert portable_arg(str(data)) == "../shared/cifar"
     assert portable_arg("train.lr=0.1") == "train.lr=0.1"
+
+
+def test_a_study_experiment_opens_on_its_runs_in_mlflow(tmp_path, tracking_uri):
+    """MLflow 3's UI opens an experiment without a kind on its GenAI overview (traces, tokens)."""
+    tracker = Tracker(tracking_uri)
+    experiment = tracker.experiment("kind", tmp_path / "artifacts")
+    tags = tracker.client.get_experiment(experiment).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
