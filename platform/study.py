@@ -17,7 +17,7 @@ from sslab.platform.dataset import DataError
 from sslab.platform.ray_cluster import check_fits_local_cluster, init_ray, trial_resources
 from sslab.platform.sweep import Trial, expand_trials
 from sslab.platform.tracking import TRIAL_TAG, Tracker, git_commit, require_store, resolve_tracking_uri
-from sslab.platform.tune_run import TrialFactory, run_tune, study_tags
+from sslab.platform.tune_run import TrialFactory, run_tune, study_params, study_tags
 from sslab.platform.workdir import atomic_write_json, check_writable, inside, locked
 
 
@@ -247,6 +247,7 @@ def _parent_run(
     parent_run_id = tracker.start_parent(
         experiment_id, f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags
     )
+    tracker.log_params(parent_run_id, study_params(study))
     tracker.log_text(parent_run_id, source_text, "study.yaml")
     tracker.log_dict(parent_run_id, study.to_dict(), "resolved_config.json")
     invocation = paths.invocation_dir(study.name, parent_run_id)

@@ -34,10 +34,30 @@ POINT_TAG, POINT_VALUES_TAG = "sslab.point", "sslab.point_values"
 REPEAT_INDEX = "__trial_index__"  # set by Tune's Repeater: which repeat (seed) of a point this is
 
 
+# Not params of a run: the paper section stays with the parent run (its point names, e.g.
+# "temperature=0.1", are not valid MLflow param keys); a trial's seed is train.seed and it has no
+# sweep; the description is the parent's note. Unset (None) values are left out too.
+NOT_PARAMS = ("paper", "description", "seeds", "sweep")
+
+
 def trial_params(study: StudyConfig) -> dict:
-    """A trial's MLflow params: its resolved config flattened. The paper section stays with the
-    parent run (its point names, e.g. "temperature=0.1", are not valid MLflow param keys)."""
-    return flatten({k: v for k, v in study.to_dict().items() if k != "paper"})
+    """A trial's MLflow params: its resolved config flattened, without what says nothing of it."""
+    config = {k: v for k, v in study.to_dict().items() if k not in NOT_PARAMS}
+    return {k: v for k, v in flatten(config).items() if v is not None}
+
+
+def study_params(study: StudyConfig) -> dict:
+    """The parent run's params: the setup every trial shares, and each swept key with the values
+    it takes (so the runs table shows what a study varied)."""
+    params = trial_params(study)
+    swept = [k for k in study.sweep if k != "points"]
+    swept += [k for point in study.sweep.get("points", []) for k in point if k not in swept]
+    for key in swept:
+        params[key] = "swept: " + json.dumps(
+            study.sweep[key] if key in study.sweep else [p[key] for p in study.sweep["points"] if key in p],
+            default=str,
+        )
+    return params
 
 
 def study_tags(study: StudyConfig, commit: str) -> dict:

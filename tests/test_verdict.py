@@ -107,6 +107,15 @@ def test_the_paper_section_stays_out_of_trial_params():
     params = trial_params(expand_trials(study, raw)[0].study)
     assert params["method_args.temperature"] == 0.05
     assert all(re.fullmatch(r"[\w\-. :/]+", key) for key in params), "MLflow rejects such keys"
+    # nothing that says nothing of the trial (MLflow's runs table showed seeds=[0], sweep={}, None)
+    assert not {"description", "seeds", "sweep.method_args.temperature"} & params.keys()
+    assert None not in params.values()
+    # the parent run's: the shared setup, and each swept key with the values it takes
+    from sslab.platform.tune_run import study_params
+
+    parent = study_params(study)
+    assert parent["method_args.temperature"] == "swept: [0.05, 0.1, 0.5, 1.0]"
+    assert parent["train.epochs"] == study.train.epochs
 
 
 def test_sweep_plot_handles_grids_and_points_with_their_own_keys():
