@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ from sslab.platform.dataset import DataError
 from sslab.platform.ray_cluster import check_fits_local_cluster, init_ray, trial_resources
 from sslab.platform.sweep import Trial, expand_trials
 from sslab.platform.tracking import TRIAL_TAG, Tracker, git_commit, require_store, resolve_tracking_uri
-from sslab.platform.tune_run import TrialFactory, run_tune, study_params, study_tags
+from sslab.platform.tune_run import POINT_TAG, TrialFactory, run_tune, study_params, study_tags
+from sslab.platform.verdict import mean_interval
 from sslab.platform.workdir import atomic_write_json, check_writable, inside, locked
 
 
@@ -125,7 +127,7 @@ def _run_locked(
         raise
     _close_dangling_runs(tracker, experiment_id, parent_run_id, results)
     summary = _summarise(tracker, experiment_id, parent_run_id)
-    _record_best(tracker, parent_run_id, summary, study)
+    record_best(tracker, parent_run_id, summary, study)
     share = ray_share(time.time() - started, summary, study.max_concurrent_trials, ray_start_seconds)
     tracker.log_metrics(parent_run_id, share, step=0)
     ran_all = len(results) >= count  # an interrupted study leaves some never started
@@ -272,15 +274,29 @@ def _close_dangling_runs(
             tracker.end(run.info.run_id, "FAILED")
 
 
-def _record_best(tracker: Tracker, parent_run_id: str, rows: list[dict], study: StudyConfig) -> None:
-    """The parent run names the best trial by the scheduler's metric (default: final kNN top-1)."""
+def record_best(tracker: Tracker, parent_run_id: str, rows: list[dict], study: StudyConfig) -> None:
+    """The parent run names the best sweep point by the scheduler's metric (default: final kNN
+    top-1) averaged over its seeds, not one lucky seed, with the 95% t interval of that mean
+    (`best_point_interval`), and the best trial within that point."""
     metric, sign = study.scheduler.metric, (1 if study.scheduler.mode == "max" else -1)
-    scored = [r for r in rows if r.get(metric) is not None and r["status"] == "FINISHED"]
-    if scored:
-        best = max(scored, key=lambda r: sign * r[metric])
-        tracker.set_tag(parent_run_id, "best_trial", best["trial"])
-        tracker.set_tag(parent_run_id, "best_run_id", best["run_id"])
-        tracker.log_metrics(parent_run_id, {f"best_{metric}": best[metric]}, step=0)
+    by_point: dict[str, list[dict]] = {}
+    for row in rows:
+        if row.get(metric) is not None and row["status"] == "FINISHED":
+            by_point.setdefault(row.get("point") or row["trial"], []).append(row)
+    if not by_point:
+        return
+    means = {point: statistics.mean(r[metric] for r in runs) for point, runs in by_point.items()}
+    point = max(means, key=lambda p: sign * means[p])
+    runs = by_point[point]
+    best = max(runs, key=lambda r: sign * r[metric])
+    tags = {"best_point": point, "best_point_seeds": str(len(runs))}
+    if len(runs) > 1:
+        low, high = mean_interval([r[metric] for r in runs])
+        tags["best_point_interval"] = f"[{low:.4g}, {high:.4g}]"
+    tags |= {"best_trial": best["trial"], "best_run_id": best["run_id"]}
+    for key, value in tags.items():
+        tracker.set_tag(parent_run_id, key, value)
+    tracker.log_metrics(parent_run_id, {f"best_point_{metric}": means[point]}, step=0)
 
 
 def _summarise(tracker: Tracker, experiment_id: str, parent_run_id: str) -> list[dict]:
@@ -291,6 +307,7 @@ def _summarise(tracker: Tracker, experiment_id: str, parent_run_id: str) -> list
     for run in tracker.child_runs(experiment_id, parent_run_id):
         row = {
             "trial": run.data.tags.get("sslab.trial"),
+            "point": run.data.tags.get(POINT_TAG),
             "status": run.info.status,
             "run_id": run.info.run_id,
         }

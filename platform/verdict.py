@@ -73,6 +73,16 @@ def pooled_std(stats: dict[str, tuple[float, float, int]]) -> tuple[float, int]:
     return (math.sqrt(sum(d * v for d, v in pairs) / dof) if dof else math.nan), dof
 
 
+def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """The t interval of the mean of `values` (at least two)."""
+    from scipy import stats as scipy_stats
+
+    n, mean = len(values), sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    margin = scipy_stats.t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n)
+    return mean - margin, mean + margin
+
+
 def holm(p_values: list[float]) -> list[float]:
     """Holm's step-down adjusted p-values (Holm 1979): the k-th smallest times (m - k + 1),
     made monotone, capped at 1."""

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from sslab.platform.report import build_report
 from sslab.platform.tracking import Tracker
 
@@ -157,3 +159,25 @@ def test_a_study_experiment_opens_on_its_runs_in_mlflow(tmp_path, tracking_uri):
     experiment = tracker.experiment("kind", tmp_path / "artifacts")
     tags = tracker.client.get_experiment(experiment).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_the_best_point_is_the_best_mean_over_seeds_not_one_lucky_seed(tmp_path, tracking_uri, tiny_raw):
+    from sslab.platform.study import record_best
+    from sslab.platform.validate import build_study
+
+    tracker = Tracker(tracking_uri)
+    experiment = tracker.experiment("best", tmp_path / "artifacts")
+    parent = tracker.start_parent(experiment, "best-1", {"sslab.role": "study"})
+    rows = [  # point a has the single best seed; point b is better on average
+        {"trial": "t=a,seed=0", "point": "t=a", "status": "FINISHED", "run_id": "r1", "knn_top1": 0.50},
+        {"trial": "t=a,seed=1", "point": "t=a", "status": "FINISHED", "run_id": "r2", "knn_top1": 0.30},
+        {"trial": "t=b,seed=0", "point": "t=b", "status": "FINISHED", "run_id": "r3", "knn_top1": 0.42},
+        {"trial": "t=b,seed=1", "point": "t=b", "status": "FINISHED", "run_id": "r4", "knn_top1": 0.44},
+        {"trial": "t=c,seed=0", "point": "t=c", "status": "FAILED", "run_id": "r5", "knn_top1": 0.90},
+    ]
+    record_best(tracker, parent, rows, build_study(tiny_raw))
+    run = tracker.client.get_run(parent)
+    assert run.data.tags["best_point"] == "t=b" and run.data.tags["best_trial"] == "t=b,seed=1"
+    # mean 0.43, std 0.01414 over 2 seeds: 0.43 +- t(0.975, 1) * 0.01 = 0.43 +- 0.127
+    assert run.data.tags["best_point_interval"] == "[0.3029, 0.5571]"
+    assert run.data.metrics["best_point_knn_top1"] == pytest.approx(0.43)
