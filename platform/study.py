@@ -128,7 +128,8 @@ def _run_locked(
     _close_dangling_runs(tracker, experiment_id, parent_run_id, results)
     summary = _summarise(tracker, experiment_id, parent_run_id)
     record_best(tracker, parent_run_id, summary, study)
-    share = ray_share(time.time() - started, summary, study.max_concurrent_trials, ray_start_seconds)
+    ran_here = ended_since(summary, started)  # a resumed study's earlier trials cost nothing now
+    share = ray_share(time.time() - started, ran_here, study.max_concurrent_trials, ray_start_seconds)
     tracker.log_metrics(parent_run_id, share, step=0)
     ran_all = len(results) >= count  # an interrupted study leaves some never started
     status = "FINISHED" if ran_all and all(r == "TERMINATED" for r in results.values()) else "FAILED"
@@ -159,6 +160,11 @@ def ray_share(wall: float, rows: list[dict], concurrency: int, ray_start_seconds
         "ray_overhead_seconds": outside,
         "ray_overhead_seconds_per_trial": outside / max(1, len(rows)),
     }
+
+
+def ended_since(rows: list[dict], started: float) -> list[dict]:
+    """The trials whose runs ended after `started` (seconds since the epoch): this invocation's."""
+    return [r for r in rows if (r.get("ended_ms") or 0) >= started * 1000]
 
 
 def describe_ray_share(share: dict) -> str:
@@ -308,6 +314,7 @@ def _summarise(tracker: Tracker, experiment_id: str, parent_run_id: str) -> list
         row = {
             "trial": run.data.tags.get("sslab.trial"),
             "point": run.data.tags.get(POINT_TAG),
+            "ended_ms": run.info.end_time,
             "status": run.info.status,
             "run_id": run.info.run_id,
         }

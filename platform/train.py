@@ -183,6 +183,10 @@ def train_loop(spec: TrialSpec) -> dict:
                 logger.log_outputs(method, study, data, checkpoint)
             runtime.report(latest_knn | metrics, epoch, is_last, checkpoint.parent if saved else None)
     except BaseException:
+        # The time it trained, also when it fails or is stopped: the study's accounting would
+        # otherwise count it as Ray's overhead.
+        elapsed = {"trial_seconds": time.perf_counter() - started}
+        logger.log_once(elapsed, trainer.step // steps_per_epoch + 1, "trial_seconds")
         # Under Ray the driver knows how the trial ended (stopped early by a scheduler: KILLED;
         # crashed: FAILED) and closes the run; a status set here could land after its own.
         if runtime.kind == "local":

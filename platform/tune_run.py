@@ -340,29 +340,37 @@ def study_progress(study: StudyConfig, total: int):
     class StudyProgress(Callback):
         def __init__(self):
             self.started: dict[str, float] = {}  # running trials -> start time
-            self.durations: list[float] = []  # of the trials ended so far
+            self.durations: dict[str, float] = {}  # trials ended in this invocation -> their time
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self.started[trial.trial_id] = time.time()
-            self._say(trial, "started")
+            self._say(trial, "started", trials)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._ended(trial, "finished" if _ran_to_the_end(trial, study) else "stopped early")
+            self._ended(trial, "finished" if _ran_to_the_end(trial, study) else "stopped early", trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._ended(trial, "FAILED")
+            self._ended(trial, "FAILED", trials)
 
-        def _ended(self, trial, what):
-            self.durations.append(time.time() - self.started.pop(trial.trial_id, time.time()))
-            self._say(trial, f"{what} after {clock(self.durations[-1])}")
+        def _ended(self, trial, what, trials):
+            seconds = time.time() - self.started.pop(trial.trial_id, time.time())
+            self.durations[trial.trial_id] = seconds
+            self._say(trial, f"{what} after {clock(seconds)}", trials)
 
-        def _say(self, trial, what):
-            done, running = len(self.durations), len(self.started)
+        def _say(self, trial, what, trials):
+            # A resumed study's trials that ended before it was interrupted: Tune restores them
+            # ended, and no callback sees them start or end.
+            restored = (
+                {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+                - self.durations.keys()
+                - self.started.keys()
+            )
+            done, running = len(self.durations) + len(restored), len(self.started)
             pending = max(0, total - done - running)
             eta = ""
-            if self.durations:  # at the pace of the trials ended so far
-                left = (pending + running / 2) * statistics.mean(self.durations) / study.max_concurrent_trials
-                eta = f"; about {clock(left)} left"
+            if self.durations:  # at the pace of the trials ended in this invocation
+                pace = statistics.mean(self.durations.values())
+                eta = f"; about {clock((pending + running / 2) * pace / study.max_concurrent_trials)} left"
             name = trial.config.get("trial") or trial.trial_id
             print(
                 f"study {study.name}: trial {name} {what} ({done} done, {running} running, "

@@ -109,6 +109,22 @@ def test_ray_share_is_the_slot_time_outside_the_trials():
     assert ray_share(40.0, rows, concurrency=2, ray_start_seconds=5.0)["ray_overhead_seconds"] == 25.0
 
 
+def test_a_resumed_study_counts_only_what_ran_in_this_invocation(tiny_raw, capsys):
+    """After --resume the progress line said "0 done, 18 pending of 19" though Tune restored the
+    finished trials, and their training time was set against this invocation's wall time."""
+    from types import SimpleNamespace
+
+    from sslab.platform.study import ended_since
+    from sslab.platform.tune_run import study_progress
+
+    trial = lambda i, status: SimpleNamespace(trial_id=str(i), status=status, config={"trial": f"t{i}"})
+    trials = [trial(0, "TERMINATED"), trial(1, "TERMINATED"), trial(2, "RUNNING"), trial(3, "PENDING")]
+    study_progress(build_study(tiny_raw), total=4).on_trial_start(0, trials, trials[2])
+    assert "trial t2 started (2 done, 1 running, 1 pending of 4)" in capsys.readouterr().out
+    rows = [{"trial_seconds": 50.0, "ended_ms": 1_000_000}, {"trial_seconds": 20.0, "ended_ms": 3_000_000}]
+    assert ended_since(rows, started=2_000.0) == rows[1:]
+
+
 def test_two_workers_fit_on_two_cpus_beside_their_driver(tiny_raw):
     tiny_raw["train"]["num_workers"] = 2
     driver, per_worker = trial_resources(build_study(tiny_raw), cluster_cpus=2)

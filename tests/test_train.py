@@ -212,3 +212,17 @@ def test_the_monitor_follows_every_network_to_the_last_epoch(tmp_path, tiny_raw,
         assert [m.step for m in history(run_id, f"random_init_{key}")] == [0]
     # the method's own collapse verdict on its last epoch, for the report's table
     assert tracker.client.get_run(run_id).data.tags["sslab.collapse"] in ("learning", "collapsed (uniform)")
+
+
+def test_a_failed_trial_logs_the_time_it_trained(tmp_path, tiny_raw, tracking_uri):
+    """The study's Ray accounting took a trial that failed at step 15 for 190 s of Ray overhead:
+    its training time was never logged."""
+    tiny_raw["train"]["lr"] = 1e30
+    tracker = Tracker(tracking_uri)
+    experiment = tracker.experiment("test", tmp_path / "artifacts")
+    parent = tracker.start_parent(experiment, "parent", {"sslab.role": "study"})
+    tracking = TrialTracking(tracking_uri, experiment, parent, "seed=0")
+    with pytest.raises(FloatingPointError):
+        train_loop(trial_spec(build_study(tiny_raw), tmp_path / "trial", tracking))
+    run = tracker.child_runs(experiment, parent)[0]
+    assert run.info.status == "FAILED" and run.data.metrics["trial_seconds"] > 0
