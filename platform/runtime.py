@@ -1,6 +1,6 @@
-"""Where a training process runs (rank, world size, device, precision) and where its epochs are
-reported: nowhere else ("local", also under torchrun), to Tune ("tune") or to Ray Train
-("train"). Ray is imported only when the runtime needs it, so the loop runs with torch alone."""
+"""A training process as the loop sees it: its `Runtime`, whether its device computes bf16
+natively, the one DDP wrap of a method, and the lines it prints. Ray is imported only when the
+runtime needs it, so the loop runs with torch alone."""
 
 from __future__ import annotations
 

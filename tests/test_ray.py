@@ -395,7 +395,7 @@ def test_an_interrupted_study_skips_the_trials_that_never_started():
 
     ran = SimpleNamespace(config=None, metrics={"sslab_trial": "seed=0"}, error=None)
     never_started = SimpleNamespace(config=None, metrics={}, error=None)
-    assert trial_statuses([ran, never_started], factory=None, fixed={}) == {"seed=0": "TERMINATED"}
+    assert trial_statuses([ran, never_started], factory=None) == {"seed=0": "TERMINATED"}
 
 
 def test_ray_data_decodes_the_batches_in_the_epochs_order_and_counts_bad_files(ray_cluster, tmp_path):
