@@ -202,7 +202,11 @@ def _method_line(config: dict) -> str:
     varies = "method" in sweep or any("method" in point for point in sweep.get("points", []))
     if varies:
         return "set by each sweep point (its arguments in the trial's MLflow params)"
-    return f"{config.get('method', '?')} {json.dumps(config.get('method_args', {}))}"
+    swept = set(sweep) | {key for point in sweep.get("points", []) for key in point}
+    args = {  # a swept argument's value here is only its default: say it is swept
+        k: "swept" if f"method_args.{k}" in swept else v for k, v in (config.get("method_args") or {}).items()
+    }
+    return f"{config.get('method', '?')} {json.dumps(args)}"
 
 
 def _paper_section(paper: dict, trials: pd.DataFrame, probes: pd.DataFrame | None = None) -> dict | None:

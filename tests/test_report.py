@@ -181,3 +181,16 @@ def test_the_best_point_is_the_best_mean_over_seeds_not_one_lucky_seed(tmp_path,
     # mean 0.43, std 0.01414 over 2 seeds: 0.43 +- t(0.975, 1) * 0.01 = 0.43 +- 0.127
     assert run.data.tags["best_point_interval"] == "[0.3029, 0.5571]"
     assert run.data.metrics["best_point_knn_top1"] == pytest.approx(0.43)
+
+
+def test_the_setup_says_which_method_arguments_are_swept():
+    """A swept argument's value in the resolved config is only its default (temperature 0.5 was
+    shown for a temperature sweep)."""
+    from sslab.platform.report import _method_line
+
+    config = {"method": "simclr", "method_args": {"temperature": 0.5, "proj_dim": 128}}
+    grid = config | {"sweep": {"method_args.temperature": [0.1, 0.5]}}
+    points = config | {"sweep": {"points": [{"method_args.temperature": 0.1}]}}
+    for swept in (grid, points):
+        assert _method_line(swept) == 'simclr {"temperature": "swept", "proj_dim": 128}'
+    assert _method_line(config) == 'simclr {"temperature": 0.5, "proj_dim": 128}'
