@@ -24,7 +24,7 @@ from sslab.platform.report_runs import (
     summarise,
 )
 from sslab.platform.tracking import DATA_KIND_TAG, Tracker
-from sslab.platform.verdict import expectations, judge_all, verdict
+from sslab.platform.verdict import expectations, judge_all, mean_interval, verdict
 
 
 def _pm(mean: float, std: float, count: int, scale: float = 100, digits: int = 1) -> str:
@@ -164,13 +164,16 @@ def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str, p
     points_header, points = ["point", "seeds"], []
     for _, _, label, base_label in shown:
         points_header += [f"{label} (%)", f"{base_label} (%)"]
+    gains = _gains_over_random_init(trials, shown[0]) if shown else {}
+    if gains:
+        points_header.append(f"{shown[0][2]} gain over random init (pts, 95% CI)")
     if shown:
         summary = summarise(trials)
         for point, stats in summary.iterrows():
             row = [point, str(int(stats[(shown[0][0], "count")]))]
             for trained, base, _, _ in shown:
                 row += [_cell(stats, trained), _cell(stats, base)]
-            points.append(row)
+            points.append(row + ([gains[point][0]] if gains else []))
     return {
         "title": f"sslab report: {study}",
         "description": config.get("description", ""),
@@ -181,7 +184,44 @@ def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str, p
         "points": points,
         "paper": _paper_section(config.get("paper") or {}, trials, probes),
         "labels_note": _labels_note(trials),
+        "below_note": _below_note(gains, shown[0][2] if shown else ""),
     }
+
+
+def _gains_over_random_init(trials: pd.DataFrame, headline) -> dict[str, tuple[str, bool]]:
+    """Per point: the trained network's gain over the same backbone at random init, paired by seed,
+    with its 95% t interval, and whether the interval lies below zero (the point trained to
+    something worse than its start, beyond the seeds' noise)."""
+    trained, base, _, base_label = headline
+    if base_label != "random init" or base not in trials:
+        return {}
+    gains = {}
+    for point, group in trials.groupby("point"):
+        diffs = [100 * d for d in (group[trained] - group[base]).dropna()]
+        if not diffs:
+            gains[point] = ("n/a", False)
+        elif len(diffs) == 1:
+            gains[point] = (f"{diffs[0]:+.1f}", False)
+        else:
+            low, high = mean_interval(diffs)
+            below = high < 0
+            text = f"{sum(diffs) / len(diffs):+.1f} [{low:+.1f}, {high:+.1f}]"
+            gains[point] = (text + (" below random init" if below else ""), below)
+    return gains
+
+
+def _below_note(gains: dict[str, tuple[str, bool]], label: str) -> str:
+    below = [
+        f"{point} ({text.removesuffix(' below random init')})"
+        for point, (text, flag) in gains.items()
+        if flag
+    ]
+    if not below:
+        return ""
+    return (
+        f"Below random init beyond the seeds' noise on {label}: {'; '.join(below)}. Training moved these "
+        "points' encoders to something worse than their random start."
+    )
 
 
 def _labels_note(trials: pd.DataFrame) -> str:
@@ -307,6 +347,7 @@ def _markdown(s: dict, plots: dict) -> str:
         lines += _md_paper(s["paper"], plots)
     lines += ["## Results (mean ± std over seeds)", ""]
     lines += _md_table(s["points_header"], s["points"]) + [""]
+    lines += [f"**{s['below_note']}**", ""] if s["below_note"] else []
     lines += ["## Trials", "", _ui_note(s["ui"]), ""] + ([s["labels_note"], ""] if s["labels_note"] else [])
     lines += _md_table(s["header"], [r[:-1] + [f"[run]({s['ui']}/{r[-1]})"] for r in s["rows"]]) + [""]
     lines += (
@@ -419,7 +460,9 @@ def _html(s: dict, plots: dict) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{e(s['title'])}</title>"
         f"<style>{style}</style></head><body><h1>{e(s['title'])}</h1><p>{e(s['description'])}</p>"
         f"<h2>Setup</h2><ul>{setup}</ul>{paper}<h2>Results (mean ± std over seeds)</h2>"
-        f"{table(s['points_header'], s['points'])}<h2>Trials</h2>"
+        f"{table(s['points_header'], s['points'])}"
+        + (f"<p class='verdict'>{e(s['below_note'])}</p>" if s["below_note"] else "")
+        + "<h2>Trials</h2>"
         f"<p>{e(_ui_note(s['ui']))}</p>"
         + (f"<p>{e(s['labels_note'])}</p>" if s["labels_note"] else "")
         + f"{table(s['header'], s['rows'], link_last=True)}<h2>Curves</h2>{images}</body></html>"

@@ -194,3 +194,24 @@ def test_the_setup_says_which_method_arguments_are_swept():
     for swept in (grid, points):
         assert _method_line(swept) == 'simclr {"temperature": "swept", "proj_dim": 128}'
     assert _method_line(config) == 'simclr {"temperature": 0.5, "proj_dim": 128}'
+
+
+def test_a_point_below_its_random_init_beyond_noise_is_flagged(tmp_path, tracking_uri):
+    """Two trials of a sweep trained to 7 points below random init and nothing said so."""
+    tracker = Tracker(tracking_uri)
+    experiment = tracker.experiment("below", tmp_path / "artifacts")
+    parent = tracker.start_parent(experiment, "below-1", {"sslab.role": "study"})
+    for temperature, seed, knn, start in [(0.1, 0, 0.18, 0.25), (0.1, 1, 0.19, 0.26), (0.5, 0, 0.35, 0.25)]:
+        point = f"temperature={temperature}"
+        run = tracker.client.create_run(
+            experiment,
+            tags={"mlflow.parentRunId": parent, "sslab.trial": f"{point},seed={seed}", "sslab.point": point},
+        ).info.run_id
+        tracker.log_params(run, {"train.seed": seed})
+        tracker.log_metrics(run, {"knn_top1": knn, "random_init_knn_top1": start}, step=1)
+        tracker.end(run)
+    text = (build_report("below", tracking_uri, tmp_path / "report") / "report.md").read_text()
+    # paired by seed: -7.0 twice, so the interval is a point; one seed of 0.5 cannot be judged
+    assert "| temperature=0.1 | 2 |" in text and "-7.0 [-7.0, -7.0] below random init |" in text
+    assert "| temperature=0.5 | 1 |" in text and "| +10.0 |" in text
+    assert "Below random init beyond the seeds' noise on kNN top-1: temperature=0.1 (-7.0" in text
