@@ -56,6 +56,15 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _run_reports_dir(args) -> Path:
+    """Where `sslab run` writes its report: --reports; else ./reports, unless --set changed the
+    study: then beside its runs (<workdir>/reports), so that a variation never overwrites the
+    study's own report (committed under reports/ in a checkout)."""
+    if args.reports:
+        return Path(args.reports)
+    return _workdir(args) / "reports" if args.set else Path("reports")
+
+
 def cmd_run(args) -> int:
     from sslab.platform.report import build_report
     from sslab.platform.study import run_study
@@ -63,8 +72,9 @@ def cmd_run(args) -> int:
 
     overrides = args.set + ([f"register_model={args.register}"] if args.register else [])
     study, raw = load_study(args.study, overrides)
+    reports = _run_reports_dir(args)
     if not args.no_report:
-        _check_folder(Path(args.reports).resolve() / study.name, "--reports")
+        _check_folder(reports.resolve() / study.name, "--reports")
 
     command = "sslab " + shlex.join(args.argv)
     result = run_study(
@@ -80,10 +90,7 @@ def cmd_run(args) -> int:
     )
     if not args.no_report:
         out = build_report(
-            study.name,
-            result["tracking_uri"],
-            Path(args.reports) / study.name,
-            parent_run_id=result["parent_run_id"],
+            study.name, result["tracking_uri"], reports / study.name, parent_run_id=result["parent_run_id"]
         )
         print(f"report: {out / 'report.md'} and {out / 'report.html'}")
     if result["status"] == "FINISHED":
@@ -107,9 +114,10 @@ def cmd_report(args) -> int:
     check_study_name(name, "sslab report", "STUDY")
     uri = _tracking_uri(args)
     require_store(uri, "--tracking-uri")
-    _check_folder(Path(args.reports).resolve() / name, "--reports")
+    reports = Path(args.reports or "reports")
+    _check_folder(reports.resolve() / name, "--reports")
     try:
-        out = build_report(name, uri, Path(args.reports) / name, parent_run_id=args.parent_run)
+        out = build_report(name, uri, reports / name, parent_run_id=args.parent_run)
     except LookupError as err:  # no such experiment or invocation in the store
         raise ConfigError(uri, "STUDY", str(err)) from None
     print(f"report: {out / 'report.md'} and {out / 'report.html'}")
@@ -320,7 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--tracking-uri",
             help="MLflow tracking URI (default: sqlite file in the workdir, or $MLFLOW_TRACKING_URI)",
         )
-        p.add_argument("--reports", default="reports", help="folder for reports/<study>/")
+        p.add_argument(
+            "--reports",
+            help="folder for <study>/report.md (default ./reports; `run` with --set: the workdir's reports/)",
+        )
 
     study_command("validate", "check a study file without running it", cmd_validate)
     run = study_command("run", "run a study on Ray, track it in MLflow, write its report", cmd_run)

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -122,3 +123,23 @@ def test_methods_lists_the_small_image_defaults(capsys):
     assert "images <= 64 px default to: local_crops=0" in dino
     for name in ("simsiam", "barlow_twins", "vicreg", "swav", "moco_v3", "cpc"):
         assert f"\n{name}:" in "\n" + out
+
+
+def test_a_run_with_set_writes_its_report_beside_its_runs(tmp_path, tiny_raw, monkeypatch):
+    """A variation of a study (--set) wrote over the study's own report in the checkout."""
+    written = []
+    monkeypatch.setattr(
+        "sslab.platform.study.run_study",
+        lambda *args, **kwargs: {"status": "FINISHED", "tracking_uri": "", "parent_run_id": ""},
+    )
+    monkeypatch.setattr(
+        "sslab.platform.report.build_report", lambda name, uri, out, **kw: written.append(out) or out
+    )
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw))
+    runs = ["--workdir", str(tmp_path / "runs")]
+    assert main(["run", str(path), *runs]) == 0
+    assert main(["run", str(path), *runs, "--set", "train.epochs=1"]) == 0
+    assert main(["run", str(path), *runs, "--set", "train.epochs=1", "--reports", "mine"]) == 0
+    assert written == [Path("reports/tiny"), tmp_path / "runs" / "reports" / "tiny", Path("mine/tiny")]
