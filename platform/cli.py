@@ -301,8 +301,18 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sslab")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslab", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"sslab {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def study_command(name: str, help_text: str, fn):

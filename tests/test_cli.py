@@ -143,3 +143,17 @@ def test_a_run_with_set_writes_its_report_beside_its_runs(tmp_path, tiny_raw, mo
     assert main(["run", str(path), *runs, "--set", "train.epochs=1"]) == 0
     assert main(["run", str(path), *runs, "--set", "train.epochs=1", "--reports", "mine"]) == 0
     assert written == [Path("reports/tiny"), tmp_path / "runs" / "reports" / "tiny", Path("mine/tiny")]
+
+
+def test_version_and_help_answer_without_loading_torch():
+    """`sslab --help` took 21-23 s under load: the parser imported the bench harness and torch."""
+    code = (
+        "import sys; from sslab.platform.cli import build_parser; build_parser(); "
+        "print('torch' in sys.modules, 'ray' in sys.modules, 'mlflow' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "False"]
+    version = subprocess.run(
+        [sys.executable, "-m", "sslab.platform.cli", "--version"], capture_output=True, text=True
+    )
+    assert version.returncode == 0 and version.stdout.startswith("sslab 0.")
