@@ -290,8 +290,13 @@ def cmd_ui(args) -> int:
         "127.0.0.1",
         "--port",
         str(args.port),
+        # One worker: a person browsing their own studies
+        "--workers",
+        "1",
     ]
     print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}", flush=True)
+    # MLflow's job runner (six huey consumers, ~225 MB each) serves GenAI jobs; sslab starts none.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, command)
 
 
