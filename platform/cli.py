@@ -70,6 +70,8 @@ def cmd_run(args) -> int:
     from sslab.platform.study import run_study
     from sslab.platform.validate import load_study
 
+    if args.verbose:
+        os.environ["SSLAB_VERBOSE"] = "1"  # Ray's trial processes inherit it
     overrides = args.set + ([f"register_model={args.register}"] if args.register else [])
     study, raw = load_study(args.study, overrides)
     reports = _run_reports_dir(args)
@@ -354,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", help="join an existing Ray cluster (default: local; or $RAY_ADDRESS)")
     run.add_argument("--resume", action="store_true", help="finish the last invocation's unfinished trials")
     run.add_argument("--no-report", action="store_true")
+    run.add_argument(
+        "--verbose", action="store_true", help="also Ray Tune's status table and MLflow's INFO lines"
+    )
     run.add_argument(
         "--register", metavar="NAME", help="register every trial's encoder as model NAME in MLflow"
     )

@@ -5,6 +5,8 @@ model, registered if asked)."""
 from __future__ import annotations
 
 import copy
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +28,8 @@ class TrialLogger:
         self.logged: set[int] = set()
         if tracking is None or not runtime.is_main:
             return
+        if not os.environ.get("SSLAB_VERBOSE"):  # MLflow's INFO lines, once per trial, say nothing new
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.tracker = Tracker(tracking.uri)
         self.run_id, created = self.tracker.find_or_create_child(tracking)
         # What the trial computed with: concurrent trials must not oversubscribe the cores.

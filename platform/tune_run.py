@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from sslab.platform.tune_results import EPOCH, PBT_EPOCH, epochs_reached, report
 from sslab.platform.workdir import inside, safe_dirname
 
 POINT_TAG, POINT_VALUES_TAG = "sslab.point", "sslab.point_values"
+VERBOSE_ENV = "SSLAB_VERBOSE"  # set by `sslab run --verbose`: Tune's own table and chatter too
 REPEAT_INDEX = "__trial_index__"  # set by Tune's Repeater: which repeat (seed) of a point this is
 
 
@@ -311,7 +313,7 @@ def run_tune(
                 storage_path=str(storage),
                 failure_config=tune.FailureConfig(max_failures=0),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=_tune_checkpoints_kept(study)),
-                verbose=1,
+                verbose=1 if os.environ.get(VERBOSE_ENV) else 0,  # Tune's table: every 30 s
                 callbacks=[study_progress(study, num_samples * (len(factory.trials) or 1))],
             ),
         )

@@ -34,10 +34,13 @@ def _children(result):
     return tracker, tracker.child_runs(result["experiment_id"], result["parent_run_id"])
 
 
-def test_parallel_seed_trials_each_get_a_finished_child_run(ray_cluster, tmp_path, tiny_raw):
+def test_parallel_seed_trials_each_get_a_finished_child_run(ray_cluster, tmp_path, tiny_raw, capfd):
     tiny_raw.update(seeds=[0, 1], max_concurrent_trials=2)
     tiny_raw["sweep"] = {"method_args.temperature": [0.2, 0.5]}
     result = _run(tmp_path, tiny_raw)
+    out = capfd.readouterr().out
+    assert "study tiny: trial temperature=0.2,seed=0 started" in out  # sslab's own lines
+    assert "Trial status" not in out  # not Tune's table (sslab run --verbose brings it back)
     assert result["status"] == "FINISHED"
     tracker, runs = _children(result)
     names = sorted(r.data.tags["sslab.trial"] for r in runs)
