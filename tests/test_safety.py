@@ -467,9 +467,11 @@ def test_export_keeps_what_a_folder_holds_and_refuses_a_file(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 0 and "is a file" in err, err
 
 
-def test_a_workdir_whose_path_a_url_misreads_is_refused(tmp_path, tiny_raw, capsys):
+def test_a_workdir_whose_path_a_url_misreads_is_refused(tmp_path, tiny_raw, capsys, monkeypatch):
     """With '?' in the workdir the sqlite URI ended there: mlflow.db went beside the workdir and
     `sslab report` then found no store."""
+    # the workdir's own store (an earlier test's mlflow.set_tracking_uri sets this variable)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     path = write(tmp_path, tiny_raw)
     workdir = tmp_path / "runs?v2"
     assert main(["run", str(path), "--workdir", str(workdir), "--reports", str(tmp_path / "r")]) == 2
