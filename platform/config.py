@@ -479,6 +479,12 @@ def short_key(dotted: str) -> str:
     return dotted.rsplit(".", 1)[-1]
 
 
+def swept_keys(sweep: dict) -> list[str]:
+    """Every dotted key a sweep sets: its grid keys, then those its `points` set, each once."""
+    keys = [k for k in sweep if k != "points"]
+    return keys + list(dict.fromkeys(k for point in sweep.get("points", []) for k in point if k not in keys))
+
+
 def point_keys(dotted_keys: list[str]) -> dict[str, str]:
     """How swept keys appear in point and trial names: their last part, or the whole dotted key
     where the last part would be ambiguous (data.seed beside the trial's seed; two keys ending

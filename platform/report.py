@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from sslab.platform.config import swept_keys
 from sslab.platform.report_plots import plot_curves, plot_monitored, plot_probes, plot_sweep
 from sslab.platform.report_runs import (
     find_parent,
@@ -242,7 +243,7 @@ def _method_line(config: dict) -> str:
     varies = "method" in sweep or any("method" in point for point in sweep.get("points", []))
     if varies:
         return "set by each sweep point (its arguments in the trial's MLflow params)"
-    swept = set(sweep) | {key for point in sweep.get("points", []) for key in point}
+    swept = swept_keys(sweep)
     args = {  # a swept argument's value here is only its default: say it is swept
         k: "swept" if f"method_args.{k}" in swept else v for k, v in (config.get("method_args") or {}).items()
     }

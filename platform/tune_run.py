@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sslab.platform.checkpoint import CHECKPOINT_NAME
-from sslab.platform.config import StudyConfig, as_distribution, flatten, get_dotted
+from sslab.platform.config import StudyConfig, as_distribution, flatten, get_dotted, swept_keys
 from sslab.platform.data import DATASETS
 from sslab.platform.ray_cluster import init_ray
 from sslab.platform.spec import TrialSpec, trial_spec
@@ -52,13 +52,9 @@ def study_params(study: StudyConfig) -> dict:
     """The parent run's params: the setup every trial shares, and each swept key with the values
     it takes (so the runs table shows what a study varied)."""
     params = trial_params(study)
-    swept = [k for k in study.sweep if k != "points"]
-    swept += [k for point in study.sweep.get("points", []) for k in point if k not in swept]
-    for key in swept:
-        params[key] = "swept: " + json.dumps(
-            study.sweep[key] if key in study.sweep else [p[key] for p in study.sweep["points"] if key in p],
-            default=str,
-        )
+    for key in swept_keys(study.sweep):
+        values = study.sweep.get(key) or [point[key] for point in study.sweep["points"] if key in point]
+        params[key] = "swept: " + json.dumps(values, default=str)
     return params
 
 

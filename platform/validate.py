@@ -352,8 +352,6 @@ def _check_paper(study: StudyConfig, source: str) -> None:
             raise ConfigError(source, f"paper.results.{point}", f"expected a finite number, got {value!r}")
     if not study.sweep:
         return  # a single trial: its sweep was already expanded
-    swept = [k for k in study.sweep if k != "points"]
-    swept += [k for point in study.sweep.get("points", []) for k in point]
     grid = [k for k in study.sweep if k != "points"]
     keys = set(point_keys(grid).values())
     for point in study.sweep.get("points") or [{}]:
