@@ -95,10 +95,13 @@ def read_image(path: Path, size: int) -> torch.Tensor:
     the fast path for photo datasets); every other format by Pillow, whose decoders raise on a
     damaged file where libpng, through torchvision, crashed the process (a PNG whose image data
     ends before its first row)."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        encoded = Path(path).read_bytes()  # read once: Pillow's header and the decoder share it
+        with Image.open(io.BytesIO(encoded)) as image:
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise DataError(
@@ -107,17 +110,20 @@ def read_image(path: Path, size: int) -> torch.Tensor:
                 )
             if width == 0 or height == 0:
                 raise DataError(f"{path}: has no pixels ({width}x{height})")
-            decoded = _decode_jpeg(path) if image.format == "JPEG" else _decode_with_pillow(image)
+            decoded = _decode_jpeg(encoded, path) if image.format == "JPEG" else _decode_with_pillow(image)
+    except DataError:
+        raise  # already names the file (a ValueError, which the next line would wrap again)
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: cannot decode ({err})") from None
     return decoded if decoded.shape[-2:] == (size, size) else resized(decoded[None], size)[0]
 
 
-def _decode_jpeg(path: Path) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image, read_file
+def _decode_jpeg(encoded: bytes, path: Path) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
 
     try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        data = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
+        return decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError as err:  # torchvision's messages end with the reason after the last comma
         raise DataError(f"{path}: cannot decode ({str(err).rsplit(',', 1)[-1].strip()})") from None
 
