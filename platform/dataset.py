@@ -96,12 +96,16 @@ def read_image(path: Path, size: int) -> torch.Tensor:
     damaged file where libpng, through torchvision, crashed the process (a PNG whose image data
     ends before its first row)."""
     import io
+    import warnings
 
     from PIL import Image, UnidentifiedImageError
 
     try:
         encoded = Path(path).read_bytes()  # read once: Pillow's header and the decoder share it
-        with Image.open(io.BytesIO(encoded)) as image:
+        with warnings.catch_warnings():  # Pillow's bomb warning: the bound below says it, once
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(encoded))
+        with image:
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise DataError(
