@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from sslab.platform.config import ConfigError, check_study_name, parse_override
+from sslab.platform.workdir import DiskFull, is_disk_full
 
 EXIT_BAD_INPUT = 2
 
@@ -79,17 +80,23 @@ def cmd_run(args) -> int:
         _check_folder(reports.resolve() / study.name, "--reports")
 
     command = "sslab " + shlex.join(args.argv)
-    result = run_study(
-        study,
-        raw,
-        Path(args.study).read_text(),
-        _workdir(args),
-        tracking_uri=args.tracking_uri,
-        ray_address=args.ray_address,
-        resume=args.resume,
-        source=args.study,
-        command=command,
-    )
+    again = command if args.resume else f"{command} --resume"
+    try:
+        result = run_study(
+            study,
+            raw,
+            Path(args.study).read_text(),
+            _workdir(args),
+            tracking_uri=args.tracking_uri,
+            ray_address=args.ray_address,
+            resume=args.resume,
+            source=args.study,
+            command=command,
+        )
+    except DiskFull as err:
+        raise DiskFull(
+            f"{err}; free some space, then `{again}` resumes each trial from its last checkpoint"
+        ) from None
     if not args.no_report:
         out = build_report(
             study.name, result["tracking_uri"], reports / study.name, parent_run_id=result["parent_run_id"]
@@ -97,7 +104,6 @@ def cmd_run(args) -> int:
         print(f"report: {out / 'report.md'} and {out / 'report.html'}")
     if result["status"] == "FINISHED":
         return 0
-    again = command if args.resume else f"{command} --resume"
     print(
         f"study {study.name}: not every trial finished; `{again}` runs those (each from its last checkpoint)"
     )
@@ -122,6 +128,11 @@ def cmd_report(args) -> int:
         out = build_report(name, uri, reports / name, parent_run_id=args.parent_run)
     except LookupError as err:  # no such experiment or invocation in the store
         raise ConfigError(uri, "STUDY", str(err)) from None
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        out = reports / name
+        raise DiskFull(f"{out}: no space left on device; `--reports DIR` writes it elsewhere") from None
     print(f"report: {out / 'report.md'} and {out / 'report.html'}")
     return 0
 
@@ -420,6 +431,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except DiskFull as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        print(f"error: {err.filename or ''}: no space left on device", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import base64
 import html
 import json
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -26,6 +27,7 @@ from sslab.platform.report_runs import (
 )
 from sslab.platform.tracking import DATA_KIND_TAG, Tracker
 from sslab.platform.verdict import expectations, judge_all, mean_interval, verdict
+from sslab.platform.workdir import is_disk_full
 
 
 def _pm(mean: float, std: float, count: int, scale: float = 100, digits: int = 1) -> str:
@@ -64,7 +66,15 @@ def build_report(study: str, tracking_uri: str, out_dir: Path, parent_run_id: st
     if not trials.empty:
         trials.to_csv(out_dir / "trials.csv", index=False)
     # The report travels with the study's parent run: whoever reads the store reads the report.
-    tracker.log_artifacts(parent.info.run_id, out_dir, "report")
+    try:
+        tracker.log_artifacts(parent.info.run_id, out_dir, "report")
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        print(
+            f"warning: the store's disk is full: the report is not attached to run {parent.info.run_id}",
+            file=sys.stderr,
+        )
     return out_dir
 
 

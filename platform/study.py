@@ -18,9 +18,24 @@ from sslab.platform.dataset import DataError
 from sslab.platform.ray_cluster import check_fits_local_cluster, init_ray, trial_resources
 from sslab.platform.sweep import Trial, expand_trials
 from sslab.platform.tracking import TRIAL_TAG, Tracker, git_commit, require_store, resolve_tracking_uri
-from sslab.platform.tune_run import POINT_TAG, TrialFactory, run_tune, study_params, study_tags
+from sslab.platform.tune_run import (
+    POINT_TAG,
+    DiskFullStop,
+    TrialFactory,
+    run_tune,
+    study_params,
+    study_tags,
+)
 from sslab.platform.verdict import mean_interval
-from sslab.platform.workdir import atomic_write_json, check_writable, inside, locked
+from sslab.platform.workdir import (
+    DiskFull,
+    DiskReserve,
+    atomic_write_json,
+    check_writable,
+    inside,
+    is_disk_full,
+    locked,
+)
 
 
 @dataclass
@@ -75,12 +90,26 @@ def run_study(
     busy = f"study {study.name!r} is already running in this workdir; wait for it, or use another --workdir"
     # The lock before Ray: a second run of the study is refused at once, not after Ray's start.
     with locked(paths.study_dir(study.name) / ".lock", wait=False, busy_message=busy):
-        ray_started = time.time()
-        init_ray(ray_address)
-        ray_start_seconds = time.time() - ray_started
-        return _run_locked(
-            study, raw, trials, source_text, paths, uri, ray_address, resume, command, ray_start_seconds
-        )
+        disk_full = DiskFullStop(DiskReserve(paths.workdir))
+        try:
+            ray_started = time.time()
+            init_ray(ray_address)
+            ray_start_seconds = time.time() - ray_started
+            return _run_locked(
+                study,
+                raw,
+                trials,
+                source_text,
+                paths,
+                uri,
+                ray_address,
+                resume,
+                command,
+                disk_full,
+                ray_start_seconds,
+            )
+        finally:
+            disk_full.reserve.release()
 
 
 def _run_locked(
@@ -93,6 +122,7 @@ def _run_locked(
     ray_address: str | None,
     resume: bool,
     command: str,
+    disk_full: DiskFullStop,
     ray_start_seconds: float = 0.0,
 ) -> dict:
     tracker, experiment_id = open_store(paths, uri, study.name)
@@ -121,10 +151,14 @@ def _run_locked(
 
     started = time.time()
     try:
-        results = run_tune(study, factory, resources, invocation, ray_address, resume)
+        results = run_tune(study, factory, resources, invocation, ray_address, resume, disk_full)
     except BaseException:
+        if disk_full.seen:  # Tune itself may then fail to read back what it wrote
+            _end_on_full_disk(tracker, experiment_id, parent_run_id, paths.workdir)
         tracker.end(parent_run_id, "FAILED")
         raise
+    if disk_full.seen:
+        _end_on_full_disk(tracker, experiment_id, parent_run_id, paths.workdir)
     _close_dangling_runs(tracker, experiment_id, parent_run_id, results)
     summary = _summarise(tracker, experiment_id, parent_run_id)
     record_best(tracker, parent_run_id, summary, study)
@@ -278,6 +312,22 @@ def _close_dangling_runs(
             tracker.end(run.info.run_id, "KILLED")
         elif run.info.status == "RUNNING":
             tracker.end(run.info.run_id, "FAILED")
+
+
+def _end_on_full_disk(tracker: Tracker, experiment_id: str, parent_run_id: str, workdir: Path) -> None:
+    """The study stopped because the disk filled up: its unfinished runs end FAILED (the
+    reserve freed the room for that), and the caller is told with a DiskFull."""
+    left = ""
+    try:
+        for run in tracker.child_runs(experiment_id, parent_run_id):
+            if run.info.status == "RUNNING":
+                tracker.end(run.info.run_id, "FAILED")
+        tracker.end(parent_run_id, "FAILED")
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        left = "; its MLflow runs could not be marked FAILED"
+    raise DiskFull(f"{workdir}: no space left on device, the study stopped{left}")
 
 
 def record_best(tracker: Tracker, parent_run_id: str, rows: list[dict], study: StudyConfig) -> None:

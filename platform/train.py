@@ -32,6 +32,7 @@ from sslab.platform.spec import TrialSpec
 from sslab.platform.streaming import epoch_batches, epoch_order, rank_batches, stream_decoder
 from sslab.platform.tracking import COLLAPSE_TAG
 from sslab.platform.trial_log import TrialLogger
+from sslab.platform.workdir import is_disk_full
 
 
 class EpochMeter:
@@ -182,7 +183,9 @@ def train_loop(spec: TrialSpec) -> dict:
                 logger.tag(COLLAPSE_TAG, method.collapse_state(metrics))
                 logger.log_outputs(method, study, data, checkpoint)
             runtime.report(latest_knn | metrics, epoch, is_last, checkpoint.parent if saved else None)
-    except BaseException:
+    except BaseException as err:
+        if is_disk_full(err):
+            raise  # nothing more can be written: the driver ends the runs once it freed room
         # The time it trained, also when it fails or is stopped: the study's accounting would
         # otherwise count it as Ray's overhead.
         elapsed = {"trial_seconds": time.perf_counter() - started}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,14 @@ from sslab.platform.sweep import (
 from sslab.platform.tracking import DATA_KIND_TAG, TrialTracking
 from sslab.platform.train import clock, train_loop
 from sslab.platform.tune_results import EPOCH, PBT_EPOCH, epochs_reached, reported_trial
-from sslab.platform.workdir import inside, safe_dirname
+from sslab.platform.workdir import (
+    DiskFull,
+    DiskReserve,
+    disk_full_cause,
+    inside,
+    safe_dirname,
+    says_disk_full,
+)
 
 POINT_TAG, POINT_VALUES_TAG = "sslab.point", "sslab.point_values"
 VERBOSE_ENV = "SSLAB_VERBOSE"  # set by `sslab run --verbose`: Tune's own table and chatter too
@@ -159,6 +167,17 @@ def make_trainable(factory: TrialFactory, invocation: Path, study: StudyConfig):
         import ray.tune
 
         spec = factory.from_tune(tune_config, ray.tune.get_context().get_trial_name())
+        try:
+            fit(spec)
+        except Exception as err:
+            cause = disk_full_cause(err)
+            if cause is None:
+                raise
+            # One line for the driver, not the chain of SQLite, torch and MLflow tracebacks.
+            said = " ".join(str(cause).split())[:200]
+            raise DiskFull(f"no space left on device under {invocation} ({said})") from None
+
+    def fit(spec: TrialSpec) -> None:
         if workers == 1:
             train_loop(spec)
             return
@@ -275,9 +294,11 @@ def run_tune(
     invocation: Path,
     ray_address: str | None,
     resume: bool,
+    disk_full: DiskFullStop | None = None,
 ) -> dict[str, str]:
     """Runs (or resumes) the Tune experiment; returns {trial name: final Tune status}.
-    `resources`: what each Tune trial asks of the cluster."""
+    `resources`: what each Tune trial asks of the cluster; `disk_full`: called when a trial
+    failed because the disk is full."""
     from ray import tune
 
     init_ray(ray_address)
@@ -310,7 +331,7 @@ def run_tune(
                 failure_config=tune.FailureConfig(max_failures=0),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=_tune_checkpoints_kept(study)),
                 verbose=1 if os.environ.get(VERBOSE_ENV) else 0,  # Tune's table: every 30 s
-                callbacks=[study_progress(study, num_samples * (len(factory.trials) or 1))],
+                callbacks=[study_progress(study, num_samples * (len(factory.trials) or 1), disk_full)],
             ),
         )
     return trial_statuses(tuner.fit(), factory)
@@ -330,7 +351,33 @@ def trial_statuses(grid, factory: TrialFactory) -> dict[str, str]:
     return statuses
 
 
-def study_progress(study: StudyConfig, total: int):
+class DiskFullStop:
+    """Stops the study at the first trial that failed on a full disk, after freeing the workdir's
+    reserve (the room to save Tune's state and mark the runs FAILED)."""
+
+    def __init__(self, reserve: DiskReserve):
+        self.reserve = reserve
+        self.seen = False
+
+    def __call__(self) -> None:
+        if self.seen:
+            return
+        self.seen = True
+        self.reserve.release()
+        # Tune's own Ctrl-C path: it saves its state with the running trials unfinished, so
+        # `--resume` reruns them (a Tune Stopper would end them as done).
+        signal.raise_signal(signal.SIGINT)
+
+
+def _error_text(trial) -> str:
+    """The failed trial's error as Tune wrote it in the driver's session folder."""
+    try:
+        return Path(trial.error_file).read_text(errors="replace") if trial.error_file else ""
+    except OSError:
+        return ""
+
+
+def study_progress(study: StudyConfig, total: int, disk_full: DiskFullStop | None = None):
     """A Tune callback that prints a line when a trial starts, finishes, is stopped early or fails,
     with the study's counts and the time left at the pace of the trials finished so far."""
     from ray.tune import Callback
@@ -349,6 +396,8 @@ def study_progress(study: StudyConfig, total: int):
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._ended(trial, "FAILED", trials)
+            if disk_full and says_disk_full(_error_text(trial)):
+                disk_full()
 
         def _ended(self, trial, what, trials):
             seconds = time.time() - self.started.pop(trial.trial_id, time.time())

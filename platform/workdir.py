@@ -43,8 +43,12 @@ def check_writable(folder: Path, key: str = "--workdir") -> None:
 def atomic_write_json(path: Path, data: dict) -> None:
     """Writes a small JSON file by rename: a reader sees the old content or the new, never half."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -78,5 +82,69 @@ def atomic_torch_save(obj, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: the half-written file would hold its space
+        raise
+
+
+# A full disk: what the OS, SQLite (the MLflow store) and pyarrow (Ray's sync) each say.
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = ("no space left on device", "database or disk is full", "disk quota exceeded")
+RESERVE_FILE = ".sslab-disk-reserve"
+RESERVE_BYTES = 4 << 20  # the room a stopped study needs to mark its runs FAILED
+
+
+class DiskFull(Exception):
+    """The disk under a folder sslab writes filled up; the message names the folder and what to do."""
+
+
+def disk_full_cause(err: BaseException | None) -> BaseException | None:
+    """The exception in `err`'s chain that says the disk is full, if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, DiskFull) or (isinstance(err, OSError) and err.errno in _DISK_FULL_ERRNOS):
+            return err
+        if says_disk_full(str(err)):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def says_disk_full(text: str) -> bool:
+    return any(marker in text.lower() for marker in _DISK_FULL_TEXT)
+
+
+def is_disk_full(err: BaseException | None) -> bool:
+    return disk_full_cause(err) is not None
+
+
+class DiskReserve:
+    """A few MB held in the workdir while a study runs, freed when the disk fills up: the room to
+    save Tune's state and mark the runs FAILED, so that `--resume` finds them (a full disk would
+    otherwise leave them RUNNING)."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / RESERVE_FILE
+        self.folder = Path(folder)
+        try:
+            with open(self.path, "wb") as handle:
+                handle.write(bytes(RESERVE_BYTES))  # zeros written, not a sparse file: real blocks
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as err:
+            self.release()
+            if not is_disk_full(err):
+                raise
+            # Before the study starts: an unusable workdir, like one that is not writable.
+            raise ConfigError(
+                str(self.folder),
+                "--workdir",
+                f"no space left on device (a study needs more than {RESERVE_BYTES >> 20} MB free)",
+            ) from None
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
