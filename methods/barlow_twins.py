@@ -1,4 +1,8 @@
-"""Barlow Twins: Zbontar et al. 2021, Self-Supervised Learning via Redundancy Reduction."""
+"""Barlow Twins: Zbontar et al. 2021, Self-Supervised Learning via Redundancy Reduction.
+
+Where Algorithm 1 and the authors' code (facebookresearch/barlowtwins) differ, sslab follows the
+code: embeddings standardised by BatchNorm without affine (the biased std), so that the
+cross-correlation's diagonal can reach 1; Algorithm 1's unbiased std caps it at (N - 1) / N."""
 
 from __future__ import annotations
 

@@ -102,13 +102,16 @@ def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 @in_fp32
 def barlow_twins_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambd: float) -> torch.Tensor:
-    """Barlow Twins (Zbontar et al. 2021) eq. (1) as Algorithm 1 computes it: each embedding
-    dimension standardised over the *global* batch, C = z_a_norm^T z_b_norm / N, loss =
-    sum_i (1 - C_ii)^2 + lambda sum_{i != j} C_ij^2. Every rank computes the same global loss."""
+    """Barlow Twins (Zbontar et al. 2021) eq. (1): each embedding dimension standardised over the
+    *global* batch, C = z_a_norm^T z_b_norm / N, loss = sum_i (1 - C_ii)^2 + lambda sum_{i != j}
+    C_ij^2. Every rank computes the same global loss.
+    Standardised as the authors' code does it (BatchNorm1d without affine, i.e. the biased std
+    and eps 1e-5), not as Algorithm 1 prints it (torch's unbiased std): then C_ii reaches 1,
+    while with the unbiased std it tops out at (N - 1) / N."""
     z_a, z_b = gather_with_grad(z_a), gather_with_grad(z_b)
     n = len(z_a)
-    z_a = (z_a - z_a.mean(0)) / z_a.std(0)
-    z_b = (z_b - z_b.mean(0)) / z_b.std(0)
+    z_a = F.batch_norm(z_a, None, None, training=True, eps=1e-5)
+    z_b = F.batch_norm(z_b, None, None, training=True, eps=1e-5)
     c = z_a.T @ z_b / n
     on_diagonal = (torch.diagonal(c) - 1).pow(2).sum()
     off_diagonal = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
@@ -121,10 +124,12 @@ def vicreg_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """VICReg (Bardes et al. 2022) eqs. (1)-(6) over the *global* batch: invariance s = mean
     squared distance, variance v = mean_j max(0, 1 - sqrt(Var z_j + 1e-4)), covariance c = sum of
-    the squared off-diagonal covariances / d; loss = lambda s + mu (v_a + v_b) + nu (c_a + c_b)."""
+    the squared off-diagonal covariances / d; loss = lambda s + mu (v_a + v_b) / 2 + nu (c_a + c_b).
+    The variance term is halved as in the authors' code (main_vicreg.py), with which the 25/25/1
+    weights were tuned; eq. (6) as printed weighs it twice as heavily."""
     z_a, z_b = gather_with_grad(z_a), gather_with_grad(z_b)
     invariance = F.mse_loss(z_a, z_b)
-    variance = _vicreg_variance(z_a) + _vicreg_variance(z_b)
+    variance = (_vicreg_variance(z_a) + _vicreg_variance(z_b)) / 2
     covariance = _vicreg_covariance(z_a) + _vicreg_covariance(z_b)
     loss = sim_weight * invariance + var_weight * variance + cov_weight * covariance
     return loss, {

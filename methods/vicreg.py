@@ -1,4 +1,8 @@
-"""VICReg: Bardes, Ponce & LeCun 2022, Variance-Invariance-Covariance Regularization."""
+"""VICReg: Bardes, Ponce & LeCun 2022, Variance-Invariance-Covariance Regularization.
+
+Where the paper's text and the authors' code (facebookresearch/vicreg) differ, sslab follows the
+code, with which the published 25/25/1 weights were tuned: the variance term is the mean of the two
+branches' hinges (halved against eq. (6) as printed)."""
 
 from __future__ import annotations
 

@@ -35,16 +35,17 @@ def test_simsiam_negative_cosine_is_eq1_with_a_stop_gradient():
     assert z.grad is None and p.grad is not None  # stop-gradient on the target branch
 
 
-def test_barlow_twins_loss_is_algorithm_1():
-    """Barlow Twins Algorithm 1: z standardised along the batch (mean 0, std 1 with torch's
-    default, unbiased std), c = z_a^T z_b / N, loss = sum (1 - c_ii)^2 + lambda sum_{i!=j} c_ij^2."""
+def test_barlow_twins_loss_is_eq_1_standardised_as_the_authors_code():
+    """Barlow Twins eq. (1) / Algorithm 1: z standardised along the batch, c = z_a^T z_b / N, loss =
+    sum (1 - c_ii)^2 + lambda sum_{i!=j} c_ij^2; standardised as the authors' code (BatchNorm1d, no
+    affine: the biased std, eps 1e-5), so that identical views give c_ii = 1 (a zero diagonal term)."""
     n, d, lambd = 8, 5, 0.0051
     z_a, z_b = _rand(n, d, seed=3), _rand(n, d, seed=4)
 
     def standardise(z, j):
         column = [z[i][j].item() for i in range(n)]
         mean = sum(column) / n
-        std = math.sqrt(sum((x - mean) ** 2 for x in column) / (n - 1))
+        std = math.sqrt(sum((x - mean) ** 2 for x in column) / n + 1e-5)
         return [(x - mean) / std for x in column]
 
     a = [standardise(z_a, j) for j in range(d)]
@@ -53,12 +54,16 @@ def test_barlow_twins_loss_is_algorithm_1():
     expected = sum((1 - c[i][i]) ** 2 for i in range(d))
     expected += lambd * sum(c[i][j] ** 2 for i in range(d) for j in range(d) if i != j)
     assert barlow_twins_loss(z_a, z_b, lambd).item() == pytest.approx(expected, rel=1e-4)
+    same = barlow_twins_loss(z_a, z_a, 0.0).item()  # the diagonal term alone, identical views
+    assert same == pytest.approx(0.0, abs=1e-5 * d)
 
 
 def test_vicreg_loss_is_eqs_1_to_6():
     """VICReg: s = 1/n sum ||z_i - z'_i||^2 / d (the MSE), v = 1/d sum_j max(0, 1 - sqrt(Var(z_j)
     + 1e-4)) (eq. 1), c = 1/d sum_{i!=j} C_ij^2 with C the unbiased covariance (eqs. 3-4);
-    loss = lambda s + mu (v(Z) + v(Z')) + nu (c(Z) + c(Z')) (eq. 6)."""
+    loss = lambda s + mu (v(Z) + v(Z')) / 2 + nu (c(Z) + c(Z')): eq. (6) with the variance term
+    halved, as the authors' main_vicreg.py computes it (`std_loss = mean(relu(1 - std_x)) / 2 +
+    mean(relu(1 - std_y)) / 2`)."""
     n, d = 10, 4
     z_a, z_b = _rand(n, d, seed=5), _rand(n, d, seed=6) * 0.3
     rows_a, rows_b = z_a.tolist(), z_b.tolist()
@@ -81,7 +86,7 @@ def test_vicreg_loss_is_eqs_1_to_6():
         return sum(cov[i][j] ** 2 for i in range(d) for j in range(d) if i != j) / d
 
     invariance = sum((x - y) ** 2 for ra, rb in zip(rows_a, rows_b) for x, y in zip(ra, rb)) / (n * d)
-    expected = 25 * invariance + 25 * (variance_term(rows_a) + variance_term(rows_b))
+    expected = 25 * invariance + 25 * (variance_term(rows_a) + variance_term(rows_b)) / 2
     expected += 1 * (covariance_term(rows_a) + covariance_term(rows_b))
     loss, terms = vicreg_loss(z_a, z_b, 25.0, 25.0, 1.0)
     assert loss.item() == pytest.approx(expected, rel=1e-4)
