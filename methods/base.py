@@ -84,6 +84,18 @@ class Method(nn.Module):
         """The defaults a study's method_args are laid over, for its image size."""
         return cls.small_image_args() if image_size <= cls.SMALL_IMAGE_SIZE else {}
 
+    # The training recipe of the method's paper as `train:` keys (optimizer, lr at batch 256 and
+    # its lr_scaling, weight_decay, warmup_epochs, ...), and the one for images up to
+    # SMALL_IMAGE_SIZE px where that differs. A study's own train: values win over both.
+    train_recipe: ClassVar[dict] = {}
+    small_image_train_recipe: ClassVar[dict | None] = None
+
+    @classmethod
+    def default_train(cls, image_size: int) -> dict:
+        """The train: defaults a study's train: section is laid over, for its image size."""
+        small = cls.small_image_train_recipe
+        return small if small is not None and image_size <= cls.SMALL_IMAGE_SIZE else cls.train_recipe
+
     @classmethod
     def check_args(cls, args, image_size: int) -> str | None:
         """A problem with these arguments at this image size (checked at validation), or None."""

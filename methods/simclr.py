@@ -30,6 +30,9 @@ class SimCLR(Method):
 
     name = "simclr"
     Args = SimCLRArgs
+    # CIFAR: SGD at lr 0.5, weight decay 5e-4, 1 warm-up epoch: the recipe the quickstart and
+    # sslab's CIFAR-10 reports measured (SimCLR's own App. B.9 uses LARS at batch 512-4096).
+    small_image_train_recipe = {"optimizer": "sgd", "lr": 0.5, "weight_decay": 5e-4, "warmup_epochs": 1}
 
     def __init__(self, args: SimCLRArgs, ctx: MethodContext):
         super().__init__(args, ctx)

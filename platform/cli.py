@@ -54,7 +54,18 @@ def cmd_validate(args) -> int:
         return 0
     trials = expand_trials(study, raw)
     print(f"{args.study}: ok ({study.method}, {len(trials)} trial(s): {', '.join(t.name for t in trials)})")
+    _print_recipe(study, raw, args.set)
     return 0
+
+
+def _print_recipe(study, raw: dict, overrides: list[str]) -> None:
+    """The training recipe a study resolved to, each value with where it came from."""
+    from sslab.platform.validate import train_sources
+
+    by_source: dict[str, list[str]] = {}
+    for key, source in train_sources(study, raw, overrides).items():
+        by_source.setdefault(source, []).append(f"{key} {getattr(study.train, key)}")
+    print("  train: " + "; ".join(f"{', '.join(values)} ({source})" for source, values in by_source.items()))
 
 
 def _run_reports_dir(args) -> Path:
@@ -280,6 +291,12 @@ def cmd_methods(args) -> int:
         if cls.small_image_args():
             small = ", ".join(f"{k}={v!r}" for k, v in cls.small_image_args().items())
             print(f"    images <= {cls.SMALL_IMAGE_SIZE} px default to: {small}")
+        for size, recipe in (
+            ("images", cls.train_recipe),
+            (f"images <= {cls.SMALL_IMAGE_SIZE} px", cls.small_image_train_recipe),
+        ):
+            if recipe:
+                print(f"    train recipe ({size}): " + ", ".join(f"{k}={v!r}" for k, v in recipe.items()))
         if cls.data_kind == "video":
             print("    trains on video clips (synthetic_video, videofolder); evaluated by mask propagation")
         views = cls.views(cls.Args(), image_size=32)

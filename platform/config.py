@@ -130,6 +130,9 @@ class TrainConfig:
     weight_decay: float = check(default=5e-4, ge=0)
     momentum: float = check(default=0.9, ge=0, lt=1)
     warmup_epochs: float = check(default=0, ge=0)
+    # LARS's trust coefficient eta: 0.001 in SimCLR and BYOL (ImageNet, batch 4096); CIFAR
+    # recipes at batch 256 (solo-learn's) take 0.02.
+    lars_eta: float = check(default=0.001, gt=0)
     # bf16 autocast (fp32 where the device has no native bf16) and channels_last: 3.0x the fp32
     # step on this project's AVX512-BF16 CPU, and learning alike (benchmarks/README.md).
     amp: bool = True

@@ -93,4 +93,4 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
     if train.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=train.lr)
     groups[1]["lars_exclude"] = True
-    return LARS(groups, lr=train.lr, momentum=train.momentum)
+    return LARS(groups, lr=train.lr, momentum=train.momentum, trust_coefficient=train.lars_eta)

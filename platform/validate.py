@@ -21,6 +21,7 @@ from sslab.platform.config import (
     ConfigError,
     DataConfig,
     StudyConfig,
+    TrainConfig,
     as_distribution,
     check_study_name,
     from_dict,
@@ -55,6 +56,9 @@ def build_study(raw: dict, source: str = "<config>") -> StudyConfig:
     except KeyError as err:
         raise ConfigError(source, "method", str(err.args[0])) from None
     # A method's defaults may depend on the image size (declared in its file); the study's win.
+    recipe = method_cls.default_train(study.data.image_size)
+    if recipe and isinstance(raw.get("train", {}), dict):
+        study.train = from_dict(TrainConfig, recipe | (raw.get("train") or {}), source, prefix="train")
     method_args = method_cls.default_args(study.data.image_size) | (study.method_args or {})
     study.method_args = dataclasses.asdict(
         from_dict(method_cls.Args, method_args, source, prefix="method_args")
@@ -427,3 +431,26 @@ def _same_branch(a: str, b: str) -> bool:
     """'train.epoks' and 'train.epoks', or one a parent of the other ('sweep.x' and 'sweep.x[1]')."""
     a, b = a.split("[")[0], b.split("[")[0]
     return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+RECIPE_KEYS = ("optimizer", "lr", "lr_scaling", "weight_decay", "momentum", "warmup_epochs", "lars_eta")
+
+
+def train_sources(study: StudyConfig, raw: dict, overrides: list[str] = ()) -> dict[str, str]:
+    """Where each training-recipe value of a study came from: `--set`, the study file, the
+    method's (small-image) recipe, or sslab's default."""
+    method_cls = get_method_class(study.method)
+    recipe = method_cls.default_train(study.data.image_size)
+    small = recipe is method_cls.small_image_train_recipe
+    set_keys = {parse_override(text)[0] for text in overrides}
+    sources = {}
+    for key in RECIPE_KEYS:
+        if f"train.{key}" in set_keys:
+            sources[key] = "--set"
+        elif key in (raw.get("train") or {}):
+            sources[key] = "study"
+        elif key in recipe:
+            sources[key] = f"{study.method} {'small-image ' if small else ''}recipe"
+        else:
+            sources[key] = "sslab default"
+    return sources
