@@ -55,7 +55,27 @@ def cmd_validate(args) -> int:
     trials = expand_trials(study, raw)
     print(f"{args.study}: ok ({study.method}, {len(trials)} trial(s): {', '.join(t.name for t in trials)})")
     _print_recipe(study, raw, args.set)
+    if not args.no_estimate:
+        _print_cost(trials, study.max_concurrent_trials)
     return 0
+
+
+def _print_cost(trials, concurrency: int) -> None:
+    """Steps, evaluation passes and the wall time on this machine, before anything runs."""
+    from sslab.platform.estimate import estimate
+    from sslab.platform.train import clock
+
+    costs, wall = estimate(trials, concurrency)
+    steps = [c.steps for c in costs]
+    if None in steps:
+        print("  cost: the training set's size is known only once loaded; no estimate")
+        return
+    per_trial = f"{min(steps):,}" if min(steps) == max(steps) else f"{min(steps):,}-{max(steps):,}"
+    print(
+        f"  cost: {len(costs)} trial(s) x {per_trial} optimiser steps = {sum(steps):,} steps, "
+        f"{costs[0].eval_passes} evaluation passes per trial; about {clock(wall)} on this machine "
+        f"at {concurrency} trial(s) at a time (measured steps, cached)"
+    )
 
 
 def _print_recipe(study, raw: dict, overrides: list[str]) -> None:
@@ -378,7 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="folder for <study>/report.md (default ./reports; `run` with --set: the workdir's reports/)",
         )
 
-    study_command("validate", "check a study file without running it", cmd_validate)
+    validate = study_command("validate", "check a study file without running it", cmd_validate)
+    validate.add_argument(
+        "--no-estimate", action="store_true", help="skip the cost estimate (it measures a few steps)"
+    )
     run = study_command("run", "run a study on Ray, track it in MLflow, write its report", cmd_run)
     common(run)
     run.add_argument("--ray-address", help="join an existing Ray cluster (default: local; or $RAY_ADDRESS)")

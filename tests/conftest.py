@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+# `sslab validate` caches measured step times under the user's cache folder: not the tester's.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sslab-cache-")
 REPO = Path(__file__).resolve().parents[1]
 
 # A tiny study that trains in about a second per epoch on a CPU.

@@ -1,0 +1,48 @@
+"""A study's cost before it runs: steps and evaluation passes counted from the study, wall time
+from measured steps (cached per model and machine)."""
+
+import pytest
+
+from conftest import REPO
+from sslab.platform import estimate as est
+from sslab.platform.cli import main
+from sslab.platform.sweep import expand_trials
+from sslab.platform.validate import build_study, load_study
+
+
+def test_steps_and_evaluation_passes_are_counted_from_the_study():
+    study, _ = load_study(REPO / "studies" / "quickstart.yaml")
+    assert est.total_steps(study) == 4000 // 256 * 15  # 225
+    assert est.eval_passes(study) == 1 + 3  # random init, kNN at epochs 5, 10 and 15
+    head, _ = load_study(REPO / "studies" / "simclr_projection_head.yaml")
+    assert est.total_steps(head) == 4000 // 64 * 8
+    assert est.eval_passes(head) == 1 + 4  # random init, probes at epochs 1, 2, 4 and the end
+
+
+def test_trials_run_in_rounds_paced_by_the_longest(monkeypatch, tiny_raw):
+    raw = tiny_raw | {"seeds": [0, 1, 2]}
+    trials = expand_trials(build_study(raw), raw)
+    monkeypatch.setattr(est, "step_seconds", lambda study, threads: (1.0, 0.0))
+    costs, wall = est.estimate(trials, concurrency=2)
+    per_trial = est.total_steps(trials[0].study) * 1.0 + est.TRIAL_OVERHEAD_SECONDS
+    assert [c.seconds for c in costs] == [per_trial] * 3
+    assert wall == pytest.approx(est.RAY_START_SECONDS + 2 * per_trial)  # two rounds: 2 + 1 trials
+
+
+def test_a_model_is_measured_once_per_machine(monkeypatch, tiny_raw):
+    study = build_study(tiny_raw)
+    step, forward = est.step_seconds(study, threads=1)  # measured: a few real steps
+    assert step > 0 and forward > 0
+    monkeypatch.setattr(est, "_measure", lambda *a: pytest.fail("measured again"))
+    assert est.step_seconds(study, threads=1) == (step, forward)
+
+
+def test_validate_prints_the_cost(tmp_path, tiny_raw, capsys):
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw))
+    assert main(["validate", str(path)]) == 0
+    cost = capsys.readouterr().out.strip().splitlines()[-1]
+    assert cost.startswith("  cost: 1 trial(s) x 8 optimiser steps = 8 steps, 2 evaluation passes per trial")
+    assert "on this machine at 1 trial(s) at a time" in cost
