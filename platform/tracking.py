@@ -7,6 +7,8 @@ mlflow is imported lazily: the training loop runs without it (e.g. on a bare GPU
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -220,8 +222,54 @@ class Tracker:
         monitor.start()
         return monitor
 
+    def log_dataset(self, run_id: str, description: dict) -> None:
+        """The run's training data as an MLflow dataset input (the runs table's Dataset column):
+        `description` from `dataset_input`."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        dataset = Dataset(**description)
+        self.client.log_inputs(
+            run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])]
+        )
+
     def set_tag(self, run_id: str, key: str, value) -> None:
         self.client.set_tag(run_id, key, str(value))
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+
+def dataset_input(data_config, counts: dict) -> dict:
+    """The fields of an MLflow dataset for a study's `data:` section: its name (with the subset
+    kept), a digest of every key that decides which images it holds, where it comes from, and
+    the counts it loaded to (`counts`: train / test images, classes, image size)."""
+    cfg = dataclasses.asdict(data_config)
+    which = {
+        k: cfg[k]
+        for k in (
+            "name",
+            "root",
+            "subset",
+            "test_subset",
+            "pretrain",
+            "pretrain_subset",
+            "image_size",
+            "train_size",
+            "test_size",
+            "seed",
+            "clip_length",
+        )
+    }
+    name = Path(cfg["root"]).name if cfg["root"] else cfg["name"]
+    if cfg["subset"]:
+        name += f"[{cfg['subset']}]"
+    digest = hashlib.sha1(json.dumps(which, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    source = {"uri": str(cfg["root"])} if cfg["root"] else {"generator": cfg["name"], "seed": cfg["seed"]}
+    return {
+        "name": name,
+        "digest": digest,
+        "source_type": "local" if cfg["root"] else "code",
+        "source": json.dumps(source),
+        "profile": json.dumps(counts),
+    }

@@ -140,7 +140,7 @@ def train_loop(spec: TrialSpec) -> dict:
         step,
         checkpoint,
     )
-    logger = TrialLogger(spec.tracking, runtime, study)
+    logger = TrialLogger(spec.tracking, runtime, study, data)
     if method.uses_labels():
         logger.tag("sslab.uses_labels", method.uses_labels())
     decoder = stream_decoder(data.ssl_images, study.data.stream_engine)

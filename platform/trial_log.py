@@ -17,13 +17,20 @@ from sslab.platform.config import StudyConfig
 from sslab.platform.dataset import Dataset
 from sslab.platform.export import EncoderModule, write_export
 from sslab.platform.runtime import Runtime
-from sslab.platform.tracking import Tracker, TrialTracking
+from sslab.platform.tracking import Tracker, TrialTracking, dataset_input
 
 
 class TrialLogger:
-    """Rank 0's MLflow child run; epochs already logged (before a restart) are not logged twice."""
+    """Rank 0's MLflow child run; epochs already logged (before a restart) are not logged twice.
+    `data` (the trial's Dataset) is logged as the run's training input."""
 
-    def __init__(self, tracking: TrialTracking | None, runtime: Runtime, study: StudyConfig):
+    def __init__(
+        self,
+        tracking: TrialTracking | None,
+        runtime: Runtime,
+        study: StudyConfig,
+        data: Dataset | None = None,
+    ):
         self.tracker = self.run_id = self.monitor = None
         self.logged: set[int] = set()
         if tracking is None or not runtime.is_main:
@@ -37,6 +44,8 @@ class TrialLogger:
         self.monitor = self.tracker.system_metrics(self.run_id)
         if created:
             self.tracker.log_dict(self.run_id, study.to_dict(), "config.json")
+            if data is not None:
+                self.tracker.log_dataset(self.run_id, dataset_input(study.data, data_counts(data)))
         else:
             self.logged = self.tracker.logged_steps(self.run_id, "loss")
 
@@ -94,3 +103,10 @@ class TrialLogger:
             if self.monitor:
                 self.monitor.finish()
             self.tracker.end(self.run_id, status)
+
+
+def data_counts(data: Dataset) -> dict:
+    counts = {"train": len(data.train_images), "test": len(data.test_images), "image_size": data.image_size}
+    if data.pretrain_images is not None and not data.pretrain_labelled:
+        counts["pretrain"] = len(data.pretrain_images)
+    return counts | ({"classes": len(data.classes)} if data.kind == "images" else {"kind": "video clips"})

@@ -1,5 +1,6 @@
 """The training loop in-process: checkpoints, resume after a kill, failures, every method."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -159,6 +160,22 @@ def test_probes_log_every_protocol_at_their_fractions_of_training(tmp_path, tiny
         assert sorted(m.step for m in tracker.client.get_metric_history(run_id, key)) == [1, 2, 4]
     steps = {m.step: m.value for m in tracker.client.get_metric_history(run_id, "optimizer_steps")}
     assert steps == {1: 4, 2: 8, 3: 12, 4: 16}  # 256 images, batch 64
+    # the training data as the run's MLflow dataset input (the runs table's Dataset column)
+    (logged,) = tracker.client.get_run(run_id).inputs.dataset_inputs
+    assert logged.dataset.name == "synthetic" and len(logged.dataset.digest) == 12
+    assert json.loads(logged.dataset.profile) == {"train": 256, "test": 128, "image_size": 16, "classes": 10}
+    assert [(t.key, t.value) for t in logged.tags] == [("mlflow.data.context", "training")]
+
+
+def test_the_dataset_digest_changes_with_the_images_a_study_holds(tiny_raw):
+    from sslab.platform.tracking import dataset_input
+
+    digest = lambda change: dataset_input(
+        build_study(tiny_raw | {"data": tiny_raw["data"] | change}).data, {}
+    )
+    assert digest({})["digest"] == digest({})["digest"]
+    assert digest({"seed": 1})["digest"] != digest({})["digest"]
+    assert digest({"train_size": 128})["digest"] != digest({})["digest"]
 
 
 def test_bf16_autocast_and_channels_last_switches_train(tmp_path, tiny_raw):
