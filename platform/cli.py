@@ -65,6 +65,9 @@ def _print_cost(trials, concurrency: int) -> None:
     from sslab.platform.estimate import estimate
     from sslab.platform.train import clock
 
+    if any(t.study.train.use_gpu for t in trials):
+        print("  cost: trials train on GPUs, and sslab measures steps on this machine's CPU; no estimate")
+        return
     costs, wall = estimate(trials, concurrency)
     steps = [c.steps for c in costs]
     if None in steps:
