@@ -60,25 +60,36 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _print_cost(trials, concurrency: int) -> None:
+def _print_study_cost(study, raw: dict) -> float | None:
+    """Prints the cost line; returns the mean estimated seconds of a trial (None: no estimate)."""
+    from sslab.platform.sweep import expand_trials
+
+    if study.search.name == "optuna":
+        print("  cost: Optuna proposes its trials as it runs; no estimate")
+        return None
+    return _print_cost(expand_trials(study, raw), study.max_concurrent_trials)
+
+
+def _print_cost(trials, concurrency: int) -> float | None:
     """Steps, evaluation passes and the wall time on this machine, before anything runs."""
     from sslab.platform.estimate import estimate
     from sslab.platform.train import clock
 
     if any(t.study.train.use_gpu for t in trials):
         print("  cost: trials train on GPUs, and sslab measures steps on this machine's CPU; no estimate")
-        return
+        return None
     costs, wall = estimate(trials, concurrency)
     steps = [c.steps for c in costs]
     if None in steps:
         print("  cost: the training set's size is known only once loaded; no estimate")
-        return
+        return None
     per_trial = f"{min(steps):,}" if min(steps) == max(steps) else f"{min(steps):,}-{max(steps):,}"
     print(
         f"  cost: {len(costs)} trial(s) x {per_trial} optimiser steps = {sum(steps):,} steps, "
         f"{costs[0].eval_passes} evaluation passes per trial; about {clock(wall)} on this machine "
         f"at {concurrency} trial(s) at a time (measured steps, cached)"
     )
+    return sum(c.seconds for c in costs) / len(costs)
 
 
 def _print_recipe(study, raw: dict, overrides: list[str]) -> None:
@@ -112,6 +123,11 @@ def cmd_run(args) -> int:
     reports = _run_reports_dir(args)
     if not args.no_report:
         _check_folder(reports.resolve() / study.name, "--reports")
+    trial_seconds = None
+    if args.estimate_only or not (args.no_estimate or args.resume):
+        trial_seconds = _print_study_cost(study, raw)
+        if args.estimate_only:
+            return 0
 
     command = "sslab " + shlex.join(args.argv)
     again = command if args.resume else f"{command} --resume"
@@ -126,6 +142,7 @@ def cmd_run(args) -> int:
             resume=args.resume,
             source=args.study,
             command=command,
+            trial_seconds=trial_seconds,
         )
     except DiskFull as err:
         raise DiskFull(
@@ -410,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", help="join an existing Ray cluster (default: local; or $RAY_ADDRESS)")
     run.add_argument("--resume", action="store_true", help="finish the last invocation's unfinished trials")
     run.add_argument("--no-report", action="store_true")
+    run.add_argument("--estimate-only", action="store_true", help="print the study's cost and stop")
+    run.add_argument("--no-estimate", action="store_true", help="skip the cost estimate at the start")
     run.add_argument(
         "--verbose", action="store_true", help="also Ray Tune's status table and MLflow's INFO lines"
     )

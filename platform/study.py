@@ -68,9 +68,11 @@ def run_study(
     resume: bool = False,
     source: str = "<study>",
     command: str = "",
+    trial_seconds: float | None = None,
 ) -> dict:
     """Runs every trial of the study; returns {'parent_run_id', 'experiment_id', 'trials'}.
-    `command`: the command line that ran it, kept as the parent run's `sslab.command` tag.
+    `command`: the command line that ran it, kept as the parent run's `sslab.command` tag;
+    `trial_seconds`: the estimated time of a trial, for the time left until one has ended.
 
     Everything that can be refused is checked before anything is written: every trial, image
     files (decoded once, into the cache the trials read), a resumed run's settings, whether a
@@ -107,6 +109,7 @@ def run_study(
                 command,
                 disk_full,
                 ray_start_seconds,
+                trial_seconds,
             )
         finally:
             disk_full.reserve.release()
@@ -124,6 +127,7 @@ def _run_locked(
     command: str,
     disk_full: DiskFullStop,
     ray_start_seconds: float = 0.0,
+    trial_seconds: float | None = None,
 ) -> dict:
     tracker, experiment_id = open_store(paths, uri, study.name)
     parent_run_id = _parent_run(tracker, experiment_id, study, source_text, paths, resume)
@@ -151,7 +155,9 @@ def _run_locked(
 
     started = time.time()
     try:
-        results = run_tune(study, factory, resources, invocation, ray_address, resume, disk_full)
+        results = run_tune(
+            study, factory, resources, invocation, ray_address, resume, disk_full, trial_seconds
+        )
     except BaseException:
         if disk_full.seen:  # Tune itself may then fail to read back what it wrote
             _end_on_full_disk(tracker, experiment_id, parent_run_id, paths.workdir)

@@ -295,6 +295,7 @@ def run_tune(
     ray_address: str | None,
     resume: bool,
     disk_full: DiskFullStop | None = None,
+    trial_seconds: float | None = None,
 ) -> dict[str, str]:
     """Runs (or resumes) the Tune experiment; returns {trial name: final Tune status}.
     `resources`: what each Tune trial asks of the cluster; `disk_full`: called when a trial
@@ -331,7 +332,9 @@ def run_tune(
                 failure_config=tune.FailureConfig(max_failures=0),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=_tune_checkpoints_kept(study)),
                 verbose=1 if os.environ.get(VERBOSE_ENV) else 0,  # Tune's table: every 30 s
-                callbacks=[study_progress(study, num_samples * (len(factory.trials) or 1), disk_full)],
+                callbacks=[
+                    study_progress(study, num_samples * (len(factory.trials) or 1), disk_full, trial_seconds)
+                ],
             ),
         )
     return trial_statuses(tuner.fit(), factory)
@@ -377,9 +380,12 @@ def _error_text(trial) -> str:
         return ""
 
 
-def study_progress(study: StudyConfig, total: int, disk_full: DiskFullStop | None = None):
+def study_progress(
+    study: StudyConfig, total: int, disk_full: DiskFullStop | None = None, trial_seconds: float | None = None
+):
     """A Tune callback that prints a line when a trial starts, finishes, is stopped early or fails,
-    with the study's counts and the time left at the pace of the trials finished so far."""
+    with the study's counts and the time left at the pace of the trials finished so far (before
+    any has: at `trial_seconds`, the estimate `sslab run` printed)."""
     from ray.tune import Callback
 
     class StudyProgress(Callback):
@@ -414,10 +420,12 @@ def study_progress(study: StudyConfig, total: int, disk_full: DiskFullStop | Non
             )
             done, running = len(self.durations) + len(restored), len(self.started)
             pending = max(0, total - done - running)
-            eta = ""
+            eta, pace = "", trial_seconds
             if self.durations:  # at the pace of the trials ended in this invocation
                 pace = statistics.mean(self.durations.values())
-                eta = f"; about {clock((pending + running / 2) * pace / study.max_concurrent_trials)} left"
+            if pace:
+                left = clock((pending + running / 2) * pace / study.max_concurrent_trials)
+                eta = f"; about {left} left" + ("" if self.durations else " (estimated)")
             name = trial.config.get("trial") or trial.trial_id
             print(
                 f"study {study.name}: trial {name} {what} ({done} done, {running} running, "

@@ -40,8 +40,11 @@ def test_run_then_report_from_the_command_line(ray_cluster, tmp_path, tiny_raw, 
     path.write_text(yaml.safe_dump(tiny_raw))
     assert main(["run", str(path), "--set", "train.epochs=1", *common]) == 0
     out = capsys.readouterr().out
-    # The study says when each trial starts and ends, with the counts.
-    assert "study tiny: trial seed=0 started (0 done, 1 running, 0 pending of 1)" in out
+    # The study's cost first; then when each trial starts and ends, with the counts (and the time
+    # left: estimated until a trial has ended).
+    assert out.startswith("  cost: 1 trial(s) x 4 optimiser steps = 4 steps")
+    assert "study tiny: trial seed=0 started (0 done, 1 running, 0 pending of 1; about " in out
+    assert " left (estimated))" in out
     assert "study tiny: trial seed=0 finished after" in out and "(1 done, 0 running, 0 pending of 1" in out
     from sslab.platform.tracking import Tracker
 

@@ -47,3 +47,26 @@ def test_validate_prints_the_cost(tmp_path, tiny_raw, capsys):
     cost = capsys.readouterr().out.strip().splitlines()[-1]
     assert cost.startswith("  cost: 1 trial(s) x 8 optimiser steps = 8 steps, 2 evaluation passes per trial")
     assert "on this machine at 1 trial(s) at a time" in cost
+
+
+def test_run_estimate_only_prints_the_cost_and_starts_nothing(tmp_path, tiny_raw, capsys):
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw | {"seeds": [0, 1]}))
+    workdir = tmp_path / "runs"
+    assert main(["run", str(path), "--workdir", str(workdir), "--estimate-only", "--no-report"]) == 0
+    assert capsys.readouterr().out.strip().startswith("cost: 2 trial(s) x 8 optimiser steps = 16 steps")
+    assert not workdir.exists()
+
+
+def test_the_time_left_uses_the_estimate_until_a_trial_has_ended(tiny_raw, capsys):
+    from types import SimpleNamespace
+
+    from sslab.platform.tune_run import study_progress
+
+    trials = [SimpleNamespace(trial_id=str(i), status="PENDING", config={"trial": f"t{i}"}) for i in range(3)]
+    study = build_study(tiny_raw | {"max_concurrent_trials": 1})
+    study_progress(study, total=3, trial_seconds=60.0).on_trial_start(0, trials, trials[0])
+    # two pending and half of the running one, one at a time, at the estimated 60 s each
+    assert "(0 done, 1 running, 2 pending of 3; about 2:30 left (estimated))" in capsys.readouterr().out
