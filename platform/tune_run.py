@@ -423,8 +423,10 @@ def study_progress(
             eta, pace = "", trial_seconds
             if self.durations:  # at the pace of the trials ended in this invocation
                 pace = statistics.mean(self.durations.values())
-            if pace:
-                left = clock((pending + running / 2) * pace / study.max_concurrent_trials)
+            if pace:  # a running trial has what its elapsed time leaves of the pace
+                now = time.time()
+                running_left = sum(max(0.0, pace - (now - began)) for began in self.started.values())
+                left = clock((pending * pace + running_left) / study.max_concurrent_trials)
                 eta = f"; about {left} left" + ("" if self.durations else " (estimated)")
             name = trial.config.get("trial") or trial.trial_id
             print(

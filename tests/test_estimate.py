@@ -68,5 +68,5 @@ def test_the_time_left_uses_the_estimate_until_a_trial_has_ended(tiny_raw, capsy
     trials = [SimpleNamespace(trial_id=str(i), status="PENDING", config={"trial": f"t{i}"}) for i in range(3)]
     study = build_study(tiny_raw | {"max_concurrent_trials": 1})
     study_progress(study, total=3, trial_seconds=60.0).on_trial_start(0, trials, trials[0])
-    # two pending and half of the running one, one at a time, at the estimated 60 s each
-    assert "(0 done, 1 running, 2 pending of 3; about 2:30 left (estimated))" in capsys.readouterr().out
+    # two pending and the one just started, one at a time, at the estimated 60 s each
+    assert "(0 done, 1 running, 2 pending of 3; about 3:00 left (estimated))" in capsys.readouterr().out
