@@ -27,16 +27,6 @@ class BarlowTwins(TwoProjectedViews):
 
     name = "barlow_twins"
     Args = BarlowTwinsArgs
-    # CIFAR: solo-learn's recipe (LARS, lr 0.3 at batch 256 scaled linearly, weight decay 1e-4,
-    # eta 0.02), warm-up 1 epoch for short studies.
-    small_image_train_recipe = {
-        "optimizer": "lars",
-        "lr": 0.3,
-        "lr_scaling": "linear",
-        "weight_decay": 1e-4,
-        "lars_eta": 0.02,
-        "warmup_epochs": 1,
-    }
 
     def training_step(self, images, step, index=None):
         z1, z2 = self.projected_views(images)

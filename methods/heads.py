@@ -40,6 +40,18 @@ class TwoProjectedViews(Method):
     (`proj_hidden_dim`, `proj_dim`, `proj_layers` in the Args): Barlow Twins and VICReg differ
     only in the loss they put on the two embeddings."""
 
+    # CIFAR: solo-learn's recipe for both (LARS, lr 0.3 at batch 256 scaled linearly, weight decay
+    # 1e-4, eta 0.02), warm-up 1 epoch for short studies. SGD at SimCLR's lr 0.5 diverges within
+    # an epoch for VICReg, whose loss is ~25x SimCLR's scale.
+    small_image_train_recipe = {
+        "optimizer": "lars",
+        "lr": 0.3,
+        "lr_scaling": "linear",
+        "weight_decay": 1e-4,
+        "lars_eta": 0.02,
+        "warmup_epochs": 1,
+    }
+
     @classmethod
     def small_image_args(cls) -> dict:
         return {"proj_hidden_dim": 2048, "proj_dim": 2048}  # solo-learn's CIFAR projector (8192 on ImageNet)

@@ -82,16 +82,22 @@ def step_seconds(study: StudyConfig, threads: int) -> tuple[float, float]:
     return tuple(cache[key])
 
 
-def _cache_key(study: StudyConfig, threads: int) -> str:
+def _bf16(study: StudyConfig) -> bool:
+    """Whether the study's trials autocast to bf16 here (the trainer falls back to fp32 where the
+    CPU only emulates it)."""
     import torch
 
     from sslab.platform.runtime import native_bf16
 
-    cpu = _cpu_name()
-    amp = study.train.amp and native_bf16(torch.device("cpu"))
+    return study.train.amp and native_bf16(torch.device("cpu"))
+
+
+def _cache_key(study: StudyConfig, threads: int) -> str:
+    import torch
+
     what = [study.method, study.method_args, dataclasses.asdict(study.backbone), study.data.image_size]
     what += [study.data.clip_length, study.train.batch_size // study.train.num_workers]
-    what += [amp, study.train.channels_last, threads, cpu, torch.__version__]
+    what += [_bf16(study), study.train.channels_last, threads, _cpu_name(), torch.__version__]
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -104,7 +110,6 @@ def _measure(study: StudyConfig, threads: int) -> list[float]:
     from sslab.platform.build import build_method
     from sslab.platform.data import load_dataset
     from sslab.platform.optim import build_optimizer
-    from sslab.platform.runtime import native_bf16
     from sslab.platform.train import train_step
 
     batch = study.train.batch_size // study.train.num_workers
@@ -116,7 +121,7 @@ def _measure(study: StudyConfig, threads: int) -> list[float]:
         test_size=batch,
         clip_length=study.data.clip_length,
     )
-    amp = study.train.amp and native_bf16(torch.device("cpu"))
+    amp = _bf16(study)
     measured = dataclasses.replace(study, data=data_cfg, train=dataclasses.replace(study.train, amp=amp))
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)

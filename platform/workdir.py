@@ -129,7 +129,6 @@ class DiskReserve:
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / RESERVE_FILE
-        self.folder = Path(folder)
         try:
             with open(self.path, "wb") as handle:
                 handle.write(bytes(RESERVE_BYTES))  # zeros written, not a sparse file: real blocks
@@ -141,7 +140,7 @@ class DiskReserve:
                 raise
             # Before the study starts: an unusable workdir, like one that is not writable.
             raise ConfigError(
-                str(self.folder),
+                str(folder),
                 "--workdir",
                 f"no space left on device (a study needs more than {RESERVE_BYTES >> 20} MB free)",
             ) from None
