@@ -56,22 +56,24 @@ def cmd_validate(args) -> int:
     print(f"{args.study}: ok ({study.method}, {len(trials)} trial(s): {', '.join(t.name for t in trials)})")
     _print_recipe(study, raw, args.set)
     if not args.no_estimate:
-        _print_cost(trials, study.max_concurrent_trials)
+        _print_cost(trials, study.max_concurrent_trials, args.study)
     return 0
 
 
-def _print_study_cost(study, raw: dict) -> float | None:
+def _print_study_cost(study, raw: dict, source: str, local: bool = True) -> float | None:
     """Prints the cost line; returns the mean estimated seconds of a trial (None: no estimate)."""
     from sslab.platform.sweep import expand_trials
 
     if study.search.name == "optuna":
         print("  cost: Optuna proposes its trials as it runs; no estimate")
         return None
-    return _print_cost(expand_trials(study, raw), study.max_concurrent_trials)
+    return _print_cost(expand_trials(study, raw), study.max_concurrent_trials, source, local)
 
 
-def _print_cost(trials, concurrency: int) -> float | None:
-    """Steps, evaluation passes and the wall time on this machine, before anything runs."""
+def _print_cost(trials, concurrency: int, source: str, local: bool = True) -> float | None:
+    """Steps, evaluation passes, the wall time and the memory on this machine, before anything
+    runs; a study whose concurrent trials would not fit in this machine's memory is refused
+    (`local`: the trials would run here)."""
     from sslab.platform.estimate import estimate
     from sslab.platform.train import clock
 
@@ -89,7 +91,36 @@ def _print_cost(trials, concurrency: int) -> float | None:
         f"{costs[0].eval_passes} evaluation passes per trial; about {clock(wall)} on this machine "
         f"at {concurrency} trial(s) at a time (measured steps, cached)"
     )
+    _print_memory(costs, min(concurrency, len(costs)), source, local and not os.environ.get("RAY_ADDRESS"))
     return sum(c.seconds for c in costs) / len(costs)
+
+
+def _print_memory(costs, concurrency: int, source: str, local: bool) -> None:
+    import psutil
+
+    from sslab.platform.estimate import RAY_PROCESSES_MB, fitting_concurrency
+
+    largest = max(c.memory_mb for c in costs)
+    needed = concurrency * largest + RAY_PROCESSES_MB
+    available = psutil.virtual_memory().available / 2**20
+    print(
+        f"  memory: about {largest / 1024:.1f} GB per trial, {needed / 1024:.1f} GB at {concurrency} at a "
+        f"time with Ray's processes; {available / 1024:.1f} GB available now"
+    )
+    if not local or needed <= available:
+        return
+    fits = fitting_concurrency(costs, available)
+    remedy = (
+        f"--set max_concurrent_trials={fits} fits"
+        if fits
+        else "not even one trial fits: lower train.batch_size, or stream the images (data.loading: stream)"
+    )
+    raise ConfigError(
+        source,
+        "max_concurrent_trials",
+        f"{concurrency} trial(s) at a time need about {needed / 1024:.1f} GB and this machine has "
+        f"{available / 1024:.1f} GB available; {remedy}",
+    )
 
 
 def _print_recipe(study, raw: dict, overrides: list[str]) -> None:
@@ -125,7 +156,8 @@ def cmd_run(args) -> int:
         _check_folder(reports.resolve() / study.name, "--reports")
     trial_seconds = None
     if args.estimate_only or not (args.no_estimate or args.resume):
-        trial_seconds = _print_study_cost(study, raw)
+        local = not (args.ray_address or os.environ.get("RAY_ADDRESS"))
+        trial_seconds = _print_study_cost(study, raw, args.study, local)
         if args.estimate_only:
             return 0
 

@@ -22,6 +22,12 @@ from sslab.platform.sweep import Trial
 RAY_START_SECONDS = 12.0
 TRIAL_OVERHEAD_SECONDS = 20.0
 WARM_STEPS, TIMED_STEPS = 2, 3
+# Memory (MB) measured here on 2026-12-03 with psutil: a trial process before its data and model
+# (torch, Ray, MLflow imported: RSS 852 at a fresh trial's start, 1,044-1,051 at later ones in a
+# reused process), and Ray's own processes of a local cluster (GCS, raylet, dashboard and its
+# modules, agents: their PSS summed, 538; 600 with room).
+TRIAL_PROCESS_MB = 1050.0
+RAY_PROCESSES_MB = 600.0
 
 
 @dataclass
@@ -30,6 +36,7 @@ class TrialCost:
     steps: int | None  # None: the training set's size is known only once loaded
     eval_passes: int  # feature extractions of the train and test sets (kNN, probes)
     seconds: float | None = None
+    memory_mb: float | None = None  # the trial process's peak: imports, data held, model, a step
 
 
 def trial_costs(trials: list[Trial]) -> list[TrialCost]:
@@ -60,7 +67,9 @@ def estimate(trials: list[Trial], concurrency: int, cpus: int | None = None) -> 
     sharing = max(1, min(concurrency, len(trials)))
     costs = trial_costs(trials)
     for cost, trial in zip(costs, trials):
-        step, forward = (seconds * sharing for seconds in step_seconds(trial.study, cpus))
+        step, forward, step_mb = step_seconds(trial.study, cpus)
+        step, forward = step * sharing, forward * sharing
+        cost.memory_mb = TRIAL_PROCESS_MB + data_mb(trial.study.data) + step_mb
         data = trial.study.data
         images = (train_set_size(data) or 0) + (data.test_subset or data.test_size)
         extraction = cost.eval_passes * math.ceil(images / trial.study.train.batch_size) * forward
@@ -71,12 +80,32 @@ def estimate(trials: list[Trial], concurrency: int, cpus: int | None = None) -> 
     return costs, RAY_START_SECONDS + wall
 
 
-def step_seconds(study: StudyConfig, threads: int) -> tuple[float, float]:
-    """(one optimiser step, one batch of feature extraction) for the study's model on this machine
-    at `threads` CPU threads; measured once per model and machine, then read from the cache."""
+def fitting_concurrency(costs: list[TrialCost], available_mb: float) -> int:
+    """How many of the largest trials fit in `available_mb` beside Ray's own processes."""
+    largest = max(c.memory_mb or 0.0 for c in costs)
+    return max(0, int((available_mb - RAY_PROCESSES_MB) // largest)) if largest else len(costs)
+
+
+def data_mb(data: DataConfig) -> float:
+    """The uint8 images a trial holds in memory: the training set (unless streamed from its files)
+    and the test set; video clips as their frames."""
+    from sslab.platform.data import DATASETS, streams
+
+    frames = data.clip_length if DATASETS[data.name].kind == "video" else 1
+    image = 3 * data.image_size**2 * frames
+    train = train_set_size(data) or 0
+    test = data.test_subset or data.test_size
+    held = (0 if streams(data, train, pretraining=data.pretrain is not None) else train) + test
+    return held * image / 2**20
+
+
+def step_seconds(study: StudyConfig, threads: int) -> tuple[float, float, float]:
+    """(one optimiser step, one batch of feature extraction, the MB a step's model, optimiser and
+    activations add to the process at its peak) for the study's model on this machine at `threads`
+    CPU threads; measured once per model and machine, then read from the cache."""
     key = _cache_key(study, threads)
     cache = _read_cache()
-    if key not in cache:
+    if len(cache.get(key, ())) != 3:
         cache[key] = _measure(study, threads)
         _write_cache(cache)
     return tuple(cache[key])
@@ -128,6 +157,7 @@ def _measure(study: StudyConfig, threads: int) -> list[float]:
     try:
         torch.manual_seed(0)
         data = load_dataset(data_cfg)
+        before = _reset_peak_rss()
         method = build_method(measured, data, torch.device("cpu"), total_steps=1000)
         optimizer = build_optimizer(method, measured.train)
         images, index = data.train_images[:batch], torch.arange(batch)
@@ -142,9 +172,35 @@ def _measure(study: StudyConfig, threads: int) -> list[float]:
             method.features(examples)
             started = time.perf_counter()
             method.features(examples)
-        return [step_time, time.perf_counter() - started]
+            forward_time = time.perf_counter() - started
+        return [step_time, forward_time, max(0.0, _peak_rss_mb() - before)]
     finally:
         torch.set_num_threads(threads_before)
+
+
+def _reset_peak_rss() -> float:
+    """Starts a new peak-RSS window (Linux: clear_refs 5); returns the RSS now (MB)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the peak is read as the RSS at the end: a lower bound
+    return _rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return _rss_mb()
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def _cpu_name() -> str:

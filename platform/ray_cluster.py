@@ -3,9 +3,12 @@ joins, and what a trial asks of it."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import socket
+from pathlib import Path
 
 from sslab.platform.config import ConfigError, StudyConfig
 
@@ -54,6 +57,13 @@ def start_local_ray(num_cpus: int | None = None, temp_dir: str | None = None) ->
         logging_level="WARNING",
         log_to_driver=True,
     )
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    _mark_session(session)
+    removed, size, left = clean_earlier_sessions(session.parent, session)
+    if removed:
+        print(f"removed {removed} Ray session folder(s) of killed sslab studies ({size / 2**20:.0f} MB)")
+    if left:
+        print(f"could not remove what earlier sslab studies left: {'; '.join(left)}")
 
 
 def free_loopback_port() -> int:
@@ -112,3 +122,96 @@ def check_fits_local_cluster(study: StudyConfig, source: str) -> None:
             "train.use_gpu",
             f"a trial needs {train.gpus_per_worker * workers:g} GPU(s); the local cluster has {gpus:g}",
         )
+
+
+# ----------------------------------------------------------------------------- leftovers
+# A local cluster's session folder under Ray's temp dir holds its logs; Ray never removes it. The
+# driver marks the folders of the clusters it starts; a later `sslab run` removes those whose
+# driver died without ending its study (killed), and stops any of their processes still running
+# (measured: after a SIGKILLed driver, Ray's dashboard and runtime-env agents ran on for ~1 min).
+SESSION_MARK = "sslab_driver.json"
+
+
+def _process_ids() -> list[list]:
+    import psutil
+
+    me = psutil.Process()
+    return [[p.pid, p.create_time()] for p in [me, *me.children(recursive=True)]]
+
+
+def _mark_session(session: Path, keep: bool = False) -> None:
+    """`keep`: a study that ended unfinished keeps its cluster's logs (its message names them)."""
+    try:
+        (session / SESSION_MARK).write_text(json.dumps({"processes": _process_ids(), "keep": keep}))
+    except OSError:
+        pass  # nothing to clean up later; the study itself is not affected
+
+
+def local_session() -> Path | None:
+    """This process's local cluster's session folder (None when it joined a cluster)."""
+    import ray
+
+    node = ray._private.worker._global_node if ray.is_initialized() else None
+    session = Path(node.get_session_dir_path()) if node else None
+    return session if session and (session / SESSION_MARK).exists() else None
+
+
+def end_local_cluster(keep_logs: bool) -> Path | None:
+    """Stops the local cluster this process started; removes its session folder unless
+    `keep_logs`; returns the folder kept (None if removed or not ours)."""
+    import ray
+
+    session = local_session()
+    if session is None:
+        return None
+    ray.shutdown()
+    if keep_logs:
+        _mark_session(session, keep=True)
+        return session
+    shutil.rmtree(session, ignore_errors=True)
+    return None
+
+
+def running_process(pid: int, created: float):
+    """The process `pid` if it is still the one started at `created` (pids are reused)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return process if abs(process.create_time() - created) < 1e-3 else None
+    except psutil.Error:
+        return None
+
+
+def clean_earlier_sessions(root: Path, current: Path | None = None) -> tuple[int, int, list[str]]:
+    """Removes the session folders under `root` of sslab clusters whose driver is gone and whose
+    study did not ask to keep them, after stopping their processes still running. Returns
+    (folders removed, bytes freed, what could not be cleaned)."""
+    import psutil
+
+    removed, freed, left = 0, 0, []
+    for mark in sorted(root.glob(f"session_*/{SESSION_MARK}")):
+        session = mark.parent
+        if session.is_symlink():  # session_latest
+            continue
+        try:
+            info = json.loads(mark.read_text())
+        except (OSError, ValueError):
+            continue
+        (driver, *others) = info.get("processes") or [[0, 0]]
+        if session == current or info.get("keep") or running_process(*driver):
+            continue
+        for pid, created in others:
+            process = running_process(pid, created)
+            try:
+                if process:
+                    process.kill()
+            except psutil.Error as err:
+                left.append(f"process {pid} of {session} ({err})")
+        freed += sum(f.stat().st_size for f in session.rglob("*") if f.is_file() and not f.is_symlink())
+        shutil.rmtree(session, ignore_errors=True)
+        if session.exists():
+            left.append(f"folder {session}")
+        else:
+            removed += 1
+    return removed, freed, left

@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +17,11 @@ from pathlib import Path
 from sslab.platform.config import ConfigError, StudyConfig, flatten
 from sslab.platform.data import load_dataset, pretrains_on_files
 from sslab.platform.dataset import DataError
-from sslab.platform.ray_cluster import check_fits_local_cluster, init_ray, trial_resources
+from sslab.platform.ray_cluster import check_fits_local_cluster, end_local_cluster, init_ray, trial_resources
 from sslab.platform.sweep import Trial, expand_trials
 from sslab.platform.tracking import TRIAL_TAG, Tracker, git_commit, require_store, resolve_tracking_uri
 from sslab.platform.tune_run import (
+    INTERRUPTED,
     POINT_TAG,
     DiskFullStop,
     TrialFactory,
@@ -93,11 +96,15 @@ def run_study(
     # The lock before Ray: a second run of the study is refused at once, not after Ray's start.
     with locked(paths.study_dir(study.name) / ".lock", wait=False, busy_message=busy):
         disk_full = DiskFullStop(DiskReserve(paths.workdir))
+        import ray
+
+        ours, result = local and not ray.is_initialized(), {}
         try:
             ray_started = time.time()
             init_ray(ray_address)
             ray_start_seconds = time.time() - ray_started
-            return _run_locked(
+            stop_on_sigterm()
+            result = _run_locked(
                 study,
                 raw,
                 trials,
@@ -111,8 +118,21 @@ def run_study(
                 ray_start_seconds,
                 trial_seconds,
             )
+            return result
         finally:
             disk_full.reserve.release()
+            if ours:  # the cluster it started: stopped, its logs kept only if the study did not finish
+                kept = end_local_cluster(keep_logs=result.get("status") != "FINISHED")
+                if kept:
+                    print(f"Ray's logs of this study: {kept / 'logs'}", flush=True)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (`kill`, a scheduler's pre-emption, `docker stop`) stops the study as Ctrl-C does:
+    Tune saves its state with the running trials unfinished, their runs end FAILED and `--resume`
+    finishes them. (Ray's own handler, set by `ray.init`, exits without saving.)"""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
 
 
 def _run_locked(
@@ -310,9 +330,10 @@ def _close_dangling_runs(
 ) -> None:
     """Tune knows how each trial ended; its MLflow run may not. A run that did not finish while
     Tune reports no error was stopped early by the scheduler (the training function sees that
-    only as an exception in `report`): KILLED. A run a crashed worker left RUNNING: FAILED."""
+    only as an exception in `report`): KILLED. A run a crashed worker left RUNNING, or a trial
+    Ctrl-C or SIGTERM interrupted: FAILED (`--resume` continues it)."""
     for run in tracker.child_runs(experiment_id, parent_run_id):
-        errored = results.get(run.data.tags.get(TRIAL_TAG)) == "ERROR"
+        errored = results.get(run.data.tags.get(TRIAL_TAG)) in ("ERROR", INTERRUPTED)
         if run.info.status != "FINISHED" and not errored:
             tracker.set_tag(run.info.run_id, "sslab.stopped_early", "true")
             tracker.end(run.info.run_id, "KILLED")

@@ -27,7 +27,7 @@ from sslab.platform.evaluate import eval_mode, knn_eval, protocol_eval
 from sslab.platform.metric_keys import EVAL, MONITOR, RANDOM_INIT, monitor_keys
 from sslab.platform.optim import build_optimizer, cosine_schedule, scaled_lr
 from sslab.platform.propagation import propagation_strip
-from sslab.platform.runtime import Runtime, distribute, make_runtime, native_bf16, say
+from sslab.platform.runtime import Runtime, distribute, make_runtime, native_bf16, process_rss_mb, say
 from sslab.platform.spec import TrialSpec
 from sslab.platform.streaming import epoch_batches, epoch_order, rank_batches, stream_decoder
 from sslab.platform.tracking import COLLAPSE_TAG
@@ -81,9 +81,14 @@ class Trainer:
         return cosine_schedule(self.step, self.total_steps, scaled_lr(train), 0.0, warmup)
 
 
+# The trial process's memory: at the start (in a reused Tune process, what earlier trials left) and
+# after each epoch.
+RSS_AT_START, RSS = "process_rss_start_mb", "process_rss_mb"
+
+
 def train_loop(spec: TrialSpec) -> dict:
     """Pretrains one trial; returns the last epoch's metrics (on rank 0)."""
-    started = time.perf_counter()
+    started, rss_at_start = time.perf_counter(), process_rss_mb()
     study = spec.study
     runtime = make_runtime(spec.runtime, study.train, spec.name, spec.tune_checkpoints)
     if study.train.amp and not native_bf16(runtime.device):
@@ -141,6 +146,7 @@ def train_loop(spec: TrialSpec) -> dict:
         checkpoint,
     )
     logger = TrialLogger(spec.tracking, runtime, study, data)
+    logger.log_once({RSS_AT_START: rss_at_start}, start_epoch, RSS_AT_START)
     if method.uses_labels():
         logger.tag("sslab.uses_labels", method.uses_labels())
     decoder = stream_decoder(data.ssl_images, study.data.stream_engine)
@@ -172,6 +178,7 @@ def train_loop(spec: TrialSpec) -> dict:
             latest_knn.update(monitor_keys(metrics))
             metrics |= mutated
             metrics["trial_seconds"] = time.perf_counter() - started  # this run of the loop so far
+            metrics[RSS] = process_rss_mb()
             # Log before the checkpoint: a crash in between re-runs this epoch, whose metrics
             # are then skipped as already logged (never lost, never twice).
             logger.log(metrics, epoch)
@@ -194,6 +201,7 @@ def train_loop(spec: TrialSpec) -> dict:
         # crashed: FAILED) and closes the run; a status set here could land after its own.
         if runtime.kind == "local":
             logger.end("FAILED")
+        logger.stop_monitor()  # its thread would outlive the trial in a reused Tune process
         raise
     logger.end("FINISHED")
     return metrics

@@ -98,10 +98,14 @@ class TrialLogger:
             return
         self.tracker.set_tag(self.run_id, "sslab.model_uri", uri)
 
+    def stop_monitor(self) -> None:
+        if self.monitor:
+            self.monitor.finish()
+            self.monitor = None
+
     def end(self, status: str) -> None:
         if self.tracker:
-            if self.monitor:
-                self.monitor.finish()
+            self.stop_monitor()
             self.tracker.end(self.run_id, status)
 
 

@@ -17,6 +17,7 @@ from sslab.platform.checkpoint import CHECKPOINT_NAME
 from sslab.platform.config import StudyConfig, as_distribution, flatten, get_dotted, swept_keys
 from sslab.platform.data import DATASETS
 from sslab.platform.ray_cluster import init_ray
+from sslab.platform.runtime import release_freed_memory
 from sslab.platform.spec import TrialSpec, trial_spec
 from sslab.platform.sweep import (
     SEED_KEY,
@@ -154,11 +155,20 @@ class TrialFactory:
 
 def train_worker(config: dict) -> None:
     """A Ray Train worker's loop (Train hands each worker a dict)."""
-    train_loop(config["spec"])
+    try:
+        train_loop(config["spec"])
+    finally:
+        release_freed_memory()
+
+
+# A finished trial's freed memory goes back to the OS before the process runs the next one
+# (benchmarks/trial_memory.py turns it off for its "before").
+RELEASE_FREED_MEMORY = True
 
 
 def make_trainable(factory: TrialFactory, invocation: Path, study: StudyConfig):
     train = study.train
+    release = RELEASE_FREED_MEMORY  # read here, on the driver: the trials get its value
     workers, max_failures = train.num_workers, train.max_failures
     gpus_per_worker = train.gpus_per_worker if train.use_gpu else 0
     cpus_per_worker = factory.cpus_per_worker
@@ -176,6 +186,9 @@ def make_trainable(factory: TrialFactory, invocation: Path, study: StudyConfig):
             # One line for the driver, not the chain of SQLite, torch and MLflow tracebacks.
             said = " ".join(str(cause).split())[:200]
             raise DiskFull(f"no space left on device under {invocation} ({said})") from None
+        finally:
+            if release:  # the process runs the next trial
+                release_freed_memory()
 
     def fit(spec: TrialSpec) -> None:
         if workers == 1:
@@ -337,7 +350,14 @@ def run_tune(
                 ],
             ),
         )
-    return trial_statuses(tuner.fit(), factory)
+    _UNFINISHED.clear()
+    statuses = trial_statuses(tuner.fit(), factory)
+    # Tune reports a trial stopped by Ctrl-C (or SIGTERM) without an error, as if it had ended.
+    return statuses | {factory.name_of(config): INTERRUPTED for config in _UNFINISHED.values()}
+
+
+INTERRUPTED = "INTERRUPTED"
+_UNFINISHED: dict[str, dict] = {}  # trial id -> config: started, not ended (the progress callback's)
 
 
 def trial_statuses(grid, factory: TrialFactory) -> dict[str, str]:
@@ -372,6 +392,25 @@ class DiskFullStop:
         signal.raise_signal(signal.SIGINT)
 
 
+def crash_cause(error: str) -> str:
+    """What a trial whose process died probably hit, and the switch that avoids it: Ray says only
+    that the actor died. Known: the machine's memory (Ray's memory monitor kills the process),
+    and oneDNN on CPUs with narrow layers (a heap corruption in fp32 channels_last backward, a
+    non-finite gradient in bf16: per the notes of 2026-12-02, on AMX CPUs)."""
+    if "OutOfMemoryError" in error or "memory monitor" in error:
+        return (
+            ": the machine ran out of memory (Ray's memory monitor killed the trial); lower "
+            "max_concurrent_trials or train.batch_size"
+        )
+    if "ActorDiedError" in error or "died unexpectedly" in error:
+        return (
+            ": its process died (a crash in native code, not a Python error); on CPUs oneDNN has "
+            "crashed on narrow layers in channels_last or bf16: try --set train.channels_last=false "
+            "or --set train.amp=false"
+        )
+    return ""
+
+
 def _error_text(trial) -> str:
     """The failed trial's error as Tune wrote it in the driver's session folder."""
     try:
@@ -395,18 +434,21 @@ def study_progress(
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self.started[trial.trial_id] = time.time()
+            _UNFINISHED[trial.trial_id] = dict(trial.config)
             self._say(trial, "started", trials)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._ended(trial, "finished" if _ran_to_the_end(trial, study) else "stopped early", trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._ended(trial, "FAILED", trials)
-            if disk_full and says_disk_full(_error_text(trial)):
+            error = _error_text(trial)
+            self._ended(trial, "FAILED" + crash_cause(error), trials)
+            if disk_full and says_disk_full(error):
                 disk_full()
 
         def _ended(self, trial, what, trials):
             seconds = time.time() - self.started.pop(trial.trial_id, time.time())
+            _UNFINISHED.pop(trial.trial_id, None)
             self.durations[trial.trial_id] = seconds
             self._say(trial, f"{what} after {clock(seconds)}", trials)
 

@@ -1,6 +1,8 @@
 """A study's cost before it runs: steps and evaluation passes counted from the study, wall time
 from measured steps (cached per model and machine)."""
 
+from types import SimpleNamespace
+
 import pytest
 
 from conftest import REPO
@@ -22,7 +24,7 @@ def test_steps_and_evaluation_passes_are_counted_from_the_study():
 def test_trials_run_in_rounds_paced_by_the_longest(monkeypatch, tiny_raw):
     raw = tiny_raw | {"seeds": [0, 1, 2]}
     trials = expand_trials(build_study(raw), raw)
-    monkeypatch.setattr(est, "step_seconds", lambda study, threads: (1.0, 0.0))
+    monkeypatch.setattr(est, "step_seconds", lambda study, threads: (1.0, 0.0, 0.0))
     costs, wall = est.estimate(trials, concurrency=2)
     # two trials at a time share the machine: each steps at half the measured pace
     per_trial = est.total_steps(trials[0].study) * 2.0 + est.TRIAL_OVERHEAD_SECONDS
@@ -32,10 +34,31 @@ def test_trials_run_in_rounds_paced_by_the_longest(monkeypatch, tiny_raw):
 
 def test_a_model_is_measured_once_per_machine(monkeypatch, tiny_raw):
     study = build_study(tiny_raw)
-    step, forward = est.step_seconds(study, threads=1)  # measured: a few real steps
-    assert step > 0 and forward > 0
+    step, forward, step_mb = est.step_seconds(study, threads=1)  # measured: a few real steps
+    assert step > 0 and forward > 0 and step_mb > 0
     monkeypatch.setattr(est, "_measure", lambda *a: pytest.fail("measured again"))
-    assert est.step_seconds(study, threads=1) == (step, forward)
+    assert est.step_seconds(study, threads=1) == (step, forward, step_mb)
+
+
+def test_a_steps_peak_memory_grows_with_the_batch(tiny_raw):
+    """The measured peak of a step: activations scale with the batch (4x the images, more MB)."""
+    small = build_study(tiny_raw | {"train": tiny_raw["train"] | {"batch_size": 16}})
+    large = build_study(tiny_raw | {"train": tiny_raw["train"] | {"batch_size": 64}})
+    small_mb = est.step_seconds(small, threads=1)[2]  # first: the larger one cannot reuse its memory
+    assert est.step_seconds(large, threads=1)[2] > small_mb
+
+
+def test_data_held_in_memory_counts_uint8_pixels(tiny_raw):
+    study = build_study(tiny_raw)
+    data = study.data
+    pixels = (data.train_size + data.test_size) * 3 * data.image_size**2
+    assert est.data_mb(data) == pytest.approx(pixels / 2**20)
+
+
+def test_concurrency_is_what_fits_beside_rays_processes():
+    costs = [est.TrialCost("a", 10, 1, memory_mb=2000.0), est.TrialCost("b", 10, 1, memory_mb=3000.0)]
+    assert est.fitting_concurrency(costs, est.RAY_PROCESSES_MB + 6500) == 2  # paced by the largest
+    assert est.fitting_concurrency(costs, est.RAY_PROCESSES_MB + 2999) == 0
 
 
 def test_validate_prints_the_cost(tmp_path, tiny_raw, capsys):
@@ -44,9 +67,32 @@ def test_validate_prints_the_cost(tmp_path, tiny_raw, capsys):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_raw))
     assert main(["validate", str(path)]) == 0
-    cost = capsys.readouterr().out.strip().splitlines()[-1]
+    cost, memory = capsys.readouterr().out.strip().splitlines()[-2:]
     assert cost.startswith("  cost: 1 trial(s) x 8 optimiser steps = 8 steps, 2 evaluation passes per trial")
     assert "on this machine at 1 trial(s) at a time" in cost
+    assert memory.startswith("  memory: about 1.") and "GB available now" in memory
+
+
+def test_a_study_whose_trials_do_not_fit_in_memory_is_refused_before_anything_is_written(
+    tmp_path, tiny_raw, capsys, monkeypatch
+):
+    import psutil
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw | {"seeds": [0, 1, 2], "max_concurrent_trials": 3}))
+    trial_mb = est.estimate(expand_trials(*load_study(path)), 3)[0][0].memory_mb
+    room = est.RAY_PROCESSES_MB + 2.5 * trial_mb  # two trials fit, not three
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=room * 2**20))
+    workdir = tmp_path / "runs"
+    assert main(["run", str(path), "--workdir", str(workdir), "--no-report"]) == 2
+    error = capsys.readouterr().err
+    assert f"{path}: max_concurrent_trials: 3 trial(s) at a time need about" in error
+    assert "--set max_concurrent_trials=2 fits" in error
+    assert not workdir.exists()
+    # on a cluster it joins, this machine's memory says nothing about where the trials run
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert main(["validate", str(path)]) == 0
 
 
 def test_run_estimate_only_prints_the_cost_and_starts_nothing(tmp_path, tiny_raw, capsys):
@@ -61,8 +107,6 @@ def test_run_estimate_only_prints_the_cost_and_starts_nothing(tmp_path, tiny_raw
 
 
 def test_the_time_left_uses_the_estimate_until_a_trial_has_ended(tiny_raw, capsys):
-    from types import SimpleNamespace
-
     from sslab.platform.tune_run import study_progress
 
     trials = [SimpleNamespace(trial_id=str(i), status="PENDING", config={"trial": f"t{i}"}) for i in range(3)]
