@@ -130,6 +130,13 @@ class Method(nn.Module):
         positions in the training set, for methods that pair images with other data (captions)."""
         raise NotImplementedError
 
+    def optimizer_groups(self, weight_decay: float) -> list[dict] | None:
+        """The method's own parameter groups, where its authors' code departs from the platform's
+        (weight decay on weights only, biases and norms excluded): dicts of `params` and options
+        (`weight_decay`; `fixed_lr: True` keeps a group at the peak learning rate, without warm-up
+        or decay; `lars_exclude`). None: the platform's groups."""
+        return None
+
     def before_optimizer_step(self, step: int) -> None:
         """After backward (and the DDP gradient all-reduce), before the optimiser: gradient surgery
         such as DINO's frozen last layer. Parameters whose `.grad` is set to None are not updated."""

@@ -29,6 +29,18 @@ class BYOL(Method):
 
     name = "byol"
     Args = BYOLArgs
+    # BYOL App. C: LARS at lr 0.2 per 256 images scaled linearly, weight decay 1.5e-6, 10 warm-up
+    # epochs, biases and BatchNorm out of the decay and of LARS's adaptation (sslab's default
+    # groups). Small images: SGD at 0.06 without warm-up, where BYOL learned on CIFAR-10 here
+    # (reports/dino_byol_small_images, issue #21).
+    train_recipe = {
+        "optimizer": "lars",
+        "lr": 0.2,
+        "lr_scaling": "linear",
+        "weight_decay": 1.5e-6,
+        "warmup_epochs": 10,
+    }
+    small_image_train_recipe = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "warmup_epochs": 0}
 
     def __init__(self, args: BYOLArgs, ctx: MethodContext):
         super().__init__(args, ctx)

@@ -26,6 +26,17 @@ class SimSiam(Method):
 
     name = "simsiam"
     Args = SimSiamArgs
+    # The authors' recipe (main_simsiam.py, paper Sec. 4 and App. D): SGD, momentum 0.9, lr 0.05
+    # per 256 images scaled linearly, weight decay 1e-4, no warm-up, cosine decay; CIFAR-10 lr 0.03
+    # and weight decay 5e-4. (sslab's cosine steps per optimiser step, the authors' per epoch.)
+    train_recipe = {
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "lr_scaling": "linear",
+        "weight_decay": 1e-4,
+        "warmup_epochs": 0,
+    }
+    small_image_train_recipe = train_recipe | {"lr": 0.03, "weight_decay": 5e-4}
 
     @classmethod
     def small_image_args(cls) -> dict:
@@ -40,6 +51,17 @@ class SimSiam(Method):
             nn.BatchNorm1d(dim, affine=False),
         )
         self.predictor = projection_head("mlp", dim, args.pred_hidden_dim, dim, depth=2)
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """As the authors' code: weight decay on every parameter, biases and BatchNorm included,
+        and the predictor at the peak rate throughout (`--fix-pred-lr`, their recommended setting;
+        Table 1 of the paper: a decayed predictor rate does a little worse)."""
+        predictor = {id(p) for p in self.predictor.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in predictor]
+        return [
+            {"params": rest, "weight_decay": weight_decay, "lars_exclude": False},
+            {"params": list(self.predictor.parameters()), "weight_decay": weight_decay, "fixed_lr": True},
+        ]
 
     def training_step(self, images, step, index=None):
         v1, v2 = self.augment(images), self.augment(images)

@@ -128,6 +128,8 @@ class TrainConfig:
     # (lr * B / 256) or sqrt (lr * sqrt(B / 256)); lr is then the rate at batch 256.
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     weight_decay: float = check(default=5e-4, ge=0)
+    # A cosine from weight_decay to this over training (DINO: 0.04 -> 0.4); None: constant.
+    weight_decay_end: Optional[float] = check(default=None, ge=0)
     momentum: float = check(default=0.9, ge=0, lt=1)
     warmup_epochs: float = check(default=0, ge=0)
     # LARS's trust coefficient eta: 0.001 in SimCLR and BYOL (ImageNet, batch 4096); CIFAR

@@ -40,7 +40,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
+        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
+    ]
 
 
 class LARS(torch.optim.Optimizer):
@@ -87,10 +90,23 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, train.weight_decay)
+    """The study's optimiser over the method's parameter groups (its own, or `param_groups`)."""
+    own = getattr(model, "optimizer_groups", None)
+    groups = (own and own(train.weight_decay)) or param_groups(model, train.weight_decay)
     if train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
     if train.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=train.lr)
-    groups[1]["lars_exclude"] = True
     return LARS(groups, lr=train.lr, momentum=train.momentum, trust_coefficient=train.lars_eta)
+
+
+def scale_weight_decay(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Each group's decay at `factor` times the one it was built with (undecayed groups stay 0)."""
+    for group in optimizer.param_groups:
+        group["weight_decay"] = group.setdefault("base_weight_decay", group["weight_decay"]) * factor
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, peak: float) -> None:
+    """This step's rate on every group; a `fixed_lr` group stays at the peak (SimSiam's predictor)."""
+    for group in optimizer.param_groups:
+        group["lr"] = peak if group.get("fixed_lr") else lr

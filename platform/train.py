@@ -25,7 +25,13 @@ from sslab.platform.config import StudyConfig
 from sslab.platform.data import Dataset, load_dataset
 from sslab.platform.evaluate import eval_mode, knn_eval, protocol_eval
 from sslab.platform.metric_keys import EVAL, MONITOR, RANDOM_INIT, monitor_keys
-from sslab.platform.optim import build_optimizer, cosine_schedule, scaled_lr
+from sslab.platform.optim import (
+    build_optimizer,
+    cosine_schedule,
+    scale_weight_decay,
+    scaled_lr,
+    set_learning_rate,
+)
 from sslab.platform.propagation import propagation_strip
 from sslab.platform.runtime import Runtime, distribute, make_runtime, native_bf16, process_rss_mb, say
 from sslab.platform.spec import TrialSpec
@@ -79,6 +85,13 @@ class Trainer:
         train = self.study.train
         warmup = int(train.warmup_epochs * self.steps_per_epoch)
         return cosine_schedule(self.step, self.total_steps, scaled_lr(train), 0.0, warmup)
+
+    def weight_decay_factor(self) -> float:
+        """This step's weight decay over train.weight_decay (1 unless train.weight_decay_end)."""
+        train = self.study.train
+        if train.weight_decay_end is None:
+            return 1.0
+        return cosine_schedule(self.step, self.total_steps, 1.0, train.weight_decay_end / train.weight_decay)
 
 
 # The trial process's memory: at the start (in a reused Tune process, what earlier trials left) and
@@ -301,8 +314,9 @@ def run_epoch(trainer: Trainer, epoch: int) -> dict:
     )
     for i, (index, images) in enumerate(zip(indices, batches), start=first):
         lr = trainer.learning_rate()
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(trainer.optimizer, lr, scaled_lr(train))
+        if train.weight_decay_end is not None:
+            scale_weight_decay(trainer.optimizer, trainer.weight_decay_factor())
         images = images.to(runtime.device, non_blocking=True)
         loss, step_metrics = train_step(
             trainer.model,

@@ -391,6 +391,10 @@ def _check_train(study: StudyConfig, source: str) -> None:
         raise ConfigError(
             source, "train.batch_size", f"{train.batch_size} is more than the {images} training images (data)"
         )
+    if train.weight_decay_end is not None and train.weight_decay == 0:
+        raise ConfigError(
+            source, "train.weight_decay_end", "scales the decay from train.weight_decay, which is 0"
+        )
     if train.batch_size % train.num_workers:
         raise ConfigError(
             source,
@@ -433,7 +437,16 @@ def _same_branch(a: str, b: str) -> bool:
     return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
-RECIPE_KEYS = ("optimizer", "lr", "lr_scaling", "weight_decay", "momentum", "warmup_epochs", "lars_eta")
+RECIPE_KEYS = (
+    "optimizer",
+    "lr",
+    "lr_scaling",
+    "weight_decay",
+    "weight_decay_end",
+    "momentum",
+    "warmup_epochs",
+    "lars_eta",
+)
 
 
 def train_sources(study: StudyConfig, raw: dict, overrides: list[str] = ()) -> dict[str, str]:
