@@ -1,4 +1,4 @@
-"""sslab command line: run | validate | report | eval | export | methods | ui | bench.
+"""sslab command line: run | validate | report | compare | eval | export | methods | ui | bench.
 
 Bad input (a study file, a --set override) prints one line naming the file and key and exits
 with code 2 before anything is written. Each command imports what it needs when it runs (torch,
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from sslab.platform.config import ConfigError, check_study_name, parse_override
-from sslab.platform.workdir import DiskFull, is_disk_full
+from sslab.platform.workdir import DiskFull, check_room, is_disk_full
 
 EXIT_BAD_INPUT = 2
 
@@ -41,6 +41,7 @@ def _tracking_uri(args) -> str:
 
 
 def cmd_validate(args) -> int:
+    from sslab.platform.cost import print_cost
     from sslab.platform.sweep import expand_trials
     from sslab.platform.validate import load_study
 
@@ -56,71 +57,8 @@ def cmd_validate(args) -> int:
     print(f"{args.study}: ok ({study.method}, {len(trials)} trial(s): {', '.join(t.name for t in trials)})")
     _print_recipe(study, raw, args.set)
     if not args.no_estimate:
-        _print_cost(trials, study.max_concurrent_trials, args.study)
+        print_cost(trials, study.max_concurrent_trials, args.study)
     return 0
-
-
-def _print_study_cost(study, raw: dict, source: str, local: bool = True) -> float | None:
-    """Prints the cost line; returns the mean estimated seconds of a trial (None: no estimate)."""
-    from sslab.platform.sweep import expand_trials
-
-    if study.search.name == "optuna":
-        print("  cost: Optuna proposes its trials as it runs; no estimate")
-        return None
-    return _print_cost(expand_trials(study, raw), study.max_concurrent_trials, source, local)
-
-
-def _print_cost(trials, concurrency: int, source: str, local: bool = True) -> float | None:
-    """Steps, evaluation passes, the wall time and the memory on this machine, before anything
-    runs; a study whose concurrent trials would not fit in this machine's memory is refused
-    (`local`: the trials would run here)."""
-    from sslab.platform.estimate import estimate
-    from sslab.platform.train import clock
-
-    if any(t.study.train.use_gpu for t in trials):
-        print("  cost: trials train on GPUs, and sslab measures steps on this machine's CPU; no estimate")
-        return None
-    costs, wall = estimate(trials, concurrency)
-    steps = [c.steps for c in costs]
-    if None in steps:
-        print("  cost: the training set's size is known only once loaded; no estimate")
-        return None
-    per_trial = f"{min(steps):,}" if min(steps) == max(steps) else f"{min(steps):,}-{max(steps):,}"
-    print(
-        f"  cost: {len(costs)} trial(s) x {per_trial} optimiser steps = {sum(steps):,} steps, "
-        f"{costs[0].eval_passes} evaluation passes per trial; about {clock(wall)} on this machine "
-        f"at {concurrency} trial(s) at a time (measured steps, cached)"
-    )
-    _print_memory(costs, min(concurrency, len(costs)), source, local and not os.environ.get("RAY_ADDRESS"))
-    return sum(c.seconds for c in costs) / len(costs)
-
-
-def _print_memory(costs, concurrency: int, source: str, local: bool) -> None:
-    import psutil
-
-    from sslab.platform.estimate import RAY_PROCESSES_MB, fitting_concurrency
-
-    largest = max(c.memory_mb for c in costs)
-    needed = concurrency * largest + RAY_PROCESSES_MB
-    available = psutil.virtual_memory().available / 2**20
-    print(
-        f"  memory: about {largest / 1024:.1f} GB per trial, {needed / 1024:.1f} GB at {concurrency} at a "
-        f"time with Ray's processes; {available / 1024:.1f} GB available now"
-    )
-    if not local or needed <= available:
-        return
-    fits = fitting_concurrency(costs, available)
-    remedy = (
-        f"--set max_concurrent_trials={fits} fits"
-        if fits
-        else "not even one trial fits: lower train.batch_size, or stream the images (data.loading: stream)"
-    )
-    raise ConfigError(
-        source,
-        "max_concurrent_trials",
-        f"{concurrency} trial(s) at a time need about {needed / 1024:.1f} GB and this machine has "
-        f"{available / 1024:.1f} GB available; {remedy}",
-    )
 
 
 def _print_recipe(study, raw: dict, overrides: list[str]) -> None:
@@ -143,6 +81,7 @@ def _run_reports_dir(args) -> Path:
 
 
 def cmd_run(args) -> int:
+    from sslab.platform.cost import print_study_cost
     from sslab.platform.report import build_report
     from sslab.platform.study import run_study
     from sslab.platform.validate import load_study
@@ -154,10 +93,12 @@ def cmd_run(args) -> int:
     reports = _run_reports_dir(args)
     if not args.no_report:
         _check_folder(reports.resolve() / study.name, "--reports")
+    if not args.estimate_only:
+        check_room(_workdir(args))
     trial_seconds = None
     if args.estimate_only or not (args.no_estimate or args.resume):
         local = not (args.ray_address or os.environ.get("RAY_ADDRESS"))
-        trial_seconds = _print_study_cost(study, raw, args.study, local)
+        trial_seconds = print_study_cost(study, raw, args.study, local)
         if args.estimate_only:
             return 0
 
@@ -185,6 +126,7 @@ def cmd_run(args) -> int:
             study.name, result["tracking_uri"], reports / study.name, parent_run_id=result["parent_run_id"]
         )
         print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    _print_answer(study.name, result)
     if result["status"] == "FINISHED":
         return 0
     print(
@@ -193,8 +135,19 @@ def cmd_run(args) -> int:
     return 1
 
 
-def cmd_report(args) -> int:
-    from sslab.platform.report import build_report
+def _print_answer(study: str, result: dict) -> None:
+    """The run's last word: each point against random init and the best point's lead (nothing
+    where no run reached the store)."""
+    from sslab.platform.answer import study_answer
+
+    try:
+        print(study_answer(study, result["tracking_uri"], parent_run_id=result["parent_run_id"]))
+    except LookupError:
+        pass
+
+
+def _study_in_store(args, command: str) -> tuple[str, str]:
+    """(study name, tracking URI) of `sslab report` / `sslab compare`: STUDY is a file or a name."""
     from sslab.platform.tracking import require_store
 
     name = args.study
@@ -202,9 +155,27 @@ def cmd_report(args) -> int:
         from sslab.platform.validate import load_study
 
         name = load_study(name, args.set)[0].name
-    check_study_name(name, "sslab report", "STUDY")
+    check_study_name(name, f"sslab {command}", "STUDY")
     uri = _tracking_uri(args)
     require_store(uri, "--tracking-uri")
+    return name, uri
+
+
+def cmd_compare(args) -> int:
+    from sslab.platform.answer import study_answer
+
+    name, uri = _study_in_store(args, "compare")
+    try:
+        print(study_answer(name, uri, parent_run_id=args.parent_run))
+    except LookupError as err:
+        raise ConfigError(uri, "STUDY", str(err)) from None
+    return 0
+
+
+def cmd_report(args) -> int:
+    from sslab.platform.report import build_report
+
+    name, uri = _study_in_store(args, "report")
     reports = Path(args.reports or "reports")
     _check_folder(reports.resolve() / name, "--reports")
     try:
@@ -228,6 +199,7 @@ def cmd_eval(args) -> int:
     from sslab.platform.data import load_dataset
     from sslab.platform.evaluate import evaluate_checkpoint
     from sslab.platform.metric_keys import EVAL, RANDOM_INIT
+    from sslab.platform.run_artifacts import run_checkpoint, trial_config_of
     from sslab.platform.validate import build_study
 
     tracker, run = _tracked_run(args)
@@ -271,35 +243,6 @@ def _tracked_run(args):
         raise ConfigError(uri, "RUN", f"no MLflow run {args.run!r}") from None
 
 
-def trial_config_of(tracker, run_id: str) -> dict:
-    """The resolved study a trial ran (its `config.json`), as one trial: no sweep."""
-    import json
-
-    raw = json.loads(Path(tracker.client.download_artifacts(run_id, "config.json")).read_text())
-    raw["sweep"] = {}
-    return raw
-
-
-def run_checkpoint(tracker, run) -> Path:
-    """The trial's checkpoint: the local file the trial wrote where this machine has it, else
-    the copy logged to the run (`checkpoint/`), downloaded from the tracking server."""
-    from sslab.platform.checkpoint import CHECKPOINT_NAME, has_checkpoint
-
-    local = Path(run.data.tags.get("sslab.checkpoint", ""))
-    if local.name and has_checkpoint(local):
-        return local
-    try:
-        return Path(
-            tracker.client.download_artifacts(run.info.run_id, f"checkpoint/{local.name or CHECKPOINT_NAME}")
-        )
-    except Exception:
-        raise ConfigError(
-            f"run {run.info.run_id}",
-            "tags.sslab.checkpoint",
-            f"no checkpoint at {local} nor in the run's artifacts",
-        ) from None
-
-
 def cmd_export(args) -> int:
     """Writes a trial's encoder to --out (weights in torchvision / timm layout, input statistics,
     loader) and prints the lines that load it."""
@@ -308,6 +251,7 @@ def cmd_export(args) -> int:
     import tempfile
 
     from sslab.platform.export import load_lines
+    from sslab.platform.run_artifacts import export_from_checkpoint
 
     out = Path(args.out).resolve()
     _check_folder(out, "--out")
@@ -318,7 +262,7 @@ def cmd_export(args) -> int:
         try:
             folder = Path(tracker.client.download_artifacts(args.run, "encoder", tmp))
         except Exception:
-            folder = _export_from_checkpoint(tracker, run, Path(tmp))
+            folder = export_from_checkpoint(tracker, run, Path(tmp))
         out.mkdir(parents=True, exist_ok=True)
         for name in ("encoder.pt", "encoder.json", "load.py"):
             shutil.copy2(folder / name, out / name)
@@ -333,22 +277,6 @@ def cmd_export(args) -> int:
     for line in load_lines(info, str(out)):
         print("    " + line)
     return 0
-
-
-def _export_from_checkpoint(tracker, run, folder: Path) -> Path:
-    """Runs from before trials logged `encoder/`: rebuild the method and export its checkpoint."""
-    import torch
-
-    from sslab.platform.build import method_from_checkpoint
-    from sslab.platform.data import load_dataset
-    from sslab.platform.export import write_export
-    from sslab.platform.validate import build_study
-
-    study = build_study(trial_config_of(tracker, run.info.run_id), source=f"run {run.info.run_id}")
-    checkpoint = run_checkpoint(tracker, run)
-    method, _ = method_from_checkpoint(study, load_dataset(study.data), checkpoint, torch.device("cpu"))
-    write_export(method.eval(), study, folder / "encoder", run_id=run.info.run_id)
-    return folder / "encoder"
 
 
 def cmd_methods(args) -> int:
@@ -424,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def study_command(name: str, help_text: str, fn):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("study", help="study YAML file" + (" or study name" if name == "report" else ""))
+        by_name = name in ("report", "compare")  # they read the store: a name is enough
+        p.add_argument("study", help="study YAML file" + (" or study name" if by_name else ""))
         p.add_argument(
             "--set",
             action="append",
@@ -470,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = study_command("report", "rebuild reports/<study>/ from MLflow", cmd_report)
     common(report)
     report.add_argument("--parent-run", help="the study invocation (default: the latest)")
+    compare = study_command(
+        "compare", "print each point's result over its seeds, the best point and its lead", cmd_compare
+    )
+    common(compare)
+    compare.add_argument("--parent-run", help="the study invocation (default: the latest)")
     sub.add_parser("methods", help="list methods and their arguments").set_defaults(fn=cmd_methods)
     ev = sub.add_parser(
         "eval", help="evaluate a run's checkpoint (kNN, linear probe, fine-tuning, few labels)"

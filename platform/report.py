@@ -30,7 +30,7 @@ from sslab.platform.verdict import expectations, judge_all, mean_interval, verdi
 from sslab.platform.workdir import is_disk_full
 
 
-def _pm(mean: float, std: float, count: int, scale: float = 100, digits: int = 1) -> str:
+def plus_minus(mean: float, std: float, count: int, scale: float = 100, digits: int = 1) -> str:
     if pd.isna(mean):
         return "n/a"
     if count > 1 and not pd.isna(std):
@@ -175,7 +175,7 @@ def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str, p
     points_header, points = ["point", "seeds"], []
     for _, _, label, base_label in shown:
         points_header += [f"{label} (%)", f"{base_label} (%)"]
-    gains = _gains_over_random_init(trials, shown[0]) if shown else {}
+    gains = gains_over_random_init(trials, shown[0]) if shown else {}
     if gains:
         points_header.append(f"{shown[0][2]} gain over random init (pts, 95% CI)")
     if shown:
@@ -199,7 +199,7 @@ def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str, p
     }
 
 
-def _gains_over_random_init(trials: pd.DataFrame, headline) -> dict[str, tuple[str, bool]]:
+def gains_over_random_init(trials: pd.DataFrame, headline) -> dict[str, tuple[str, bool]]:
     """Per point: the trained network's gain over the same backbone at random init, paired by seed,
     with its 95% t interval, and whether the interval lies below zero (the point trained to
     something worse than its start, beyond the seeds' noise)."""
@@ -272,7 +272,7 @@ def _paper_section(paper: dict, trials: pd.DataFrame, probes: pd.DataFrame | Non
         [
             point,
             f"{results[point]:g}" if point in results else "",
-            _pm(*stats[point]) if point in stats else "not run",
+            plus_minus(*stats[point]) if point in stats else "not run",
         ]
         for point in dict.fromkeys(list(stats) + list(results))
     ]
@@ -336,7 +336,7 @@ def _probe_verdicts(paper: dict, probes: pd.DataFrame | None) -> list[dict]:
 def _cell(stats, column: str) -> str:
     if (column, "mean") not in stats:
         return "n/a"
-    return _pm(stats[(column, "mean")], stats[(column, "std")], stats[(column, "count")])
+    return plus_minus(stats[(column, "mean")], stats[(column, "std")], stats[(column, "count")])
 
 
 def _fmt(value, scale: float = 1, spec: str = ".1f") -> str:

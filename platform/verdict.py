@@ -94,24 +94,47 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
+def point_difference(stats: dict[str, tuple[float, float, int]], a: str, b: str):
+    """(mean(a) - mean(b) in points, its standard error, the pooled degrees of freedom); the
+    error is None without a spread to measure (one seed per point). None if either mean is NaN."""
+    (mean_a, _, n_a), (mean_b, _, n_b) = stats[a], stats[b]
+    if math.isnan(mean_a) or math.isnan(mean_b):
+        return None
+    spread, dof = pooled_std(stats)
+    if not dof or math.isnan(spread) or min(n_a, n_b) < 1:
+        return (mean_a - mean_b) * 100, None, dof
+    return (mean_a - mean_b) * 100, max(spread * math.sqrt(1 / n_a + 1 / n_b) * 100, 1e-12), dof
+
+
+def difference_interval(stats: dict[str, tuple[float, float, int]], a: str, b: str, level: float = 0.95):
+    """(difference in points, low, high): the t interval of mean(a) - mean(b) with the seed spread
+    pooled over the points, as the verdict's; None without a spread."""
+    from scipy import stats as scipy_stats
+
+    difference = point_difference(stats, a, b)
+    if difference is None or difference[1] is None:
+        return None
+    ours, se, dof = difference
+    margin = scipy_stats.t.ppf(0.5 + level / 2, dof) * se
+    return ours, ours - margin, ours + margin
+
+
 def judge_all(comparisons: list[Comparison], stats: dict[str, tuple[float, float, int]]) -> list[Comparison]:
     """Fills in every comparison whose two points ran; `stats` maps point -> (mean, std, seeds)
     in [0, 1]. The comparisons given are one family for the Holm correction."""
     from scipy import stats as scipy_stats
 
-    spread, dof = pooled_std(stats)
     tested = []
     for c in comparisons:
         if c.better not in stats or c.worse not in stats:
             continue
-        (mean_a, _, n_a), (mean_b, _, n_b) = stats[c.better], stats[c.worse]
-        if math.isnan(mean_a) or math.isnan(mean_b):
+        difference = point_difference(stats, c.better, c.worse)
+        if difference is None:
             continue
-        c.ours = (mean_a - mean_b) * 100
-        if not dof or math.isnan(spread) or min(n_a, n_b) < 1:
+        c.ours, se, dof = difference
+        if se is None:
             c.outcome = "no spread"
             continue
-        se = max(spread * math.sqrt(1 / n_a + 1 / n_b) * 100, 1e-12)
         margin = scipy_stats.t.ppf(0.975, dof) * se
         c.low, c.high = c.ours - margin, c.ours + margin
         c.p_agrees = float(scipy_stats.t.sf(c.ours / se, dof))  # H0: d <= 0

@@ -9,6 +9,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 from sslab.platform.config import ConfigError
@@ -122,6 +123,20 @@ def is_disk_full(err: BaseException | None) -> bool:
     return disk_full_cause(err) is not None
 
 
+def _no_room(folder: Path) -> ConfigError:
+    """Before the study starts, a workdir without room is unusable, like one that is not writable."""
+    need = f"a study needs more than {RESERVE_BYTES >> 20} MB free"
+    return ConfigError(str(folder), "--workdir", f"no space left on device ({need})")
+
+
+def check_room(folder: Path) -> None:
+    """Refuses a workdir (or the folder it will be made in) without room for the reserve, before
+    the study's cost is measured or Ray starts."""
+    existing = next(place for place in (folder, *folder.parents) if place.exists())
+    if shutil.disk_usage(existing).free <= RESERVE_BYTES:
+        raise _no_room(folder)
+
+
 class DiskReserve:
     """A few MB held in the workdir while a study runs, freed when the disk fills up: the room to
     save Tune's state and mark the runs FAILED, so that `--resume` finds them (a full disk would
@@ -138,12 +153,7 @@ class DiskReserve:
             self.release()
             if not is_disk_full(err):
                 raise
-            # Before the study starts: an unusable workdir, like one that is not writable.
-            raise ConfigError(
-                str(folder),
-                "--workdir",
-                f"no space left on device (a study needs more than {RESERVE_BYTES >> 20} MB free)",
-            ) from None
+            raise _no_room(folder) from None
 
     def release(self) -> None:
         self.path.unlink(missing_ok=True)

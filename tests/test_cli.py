@@ -46,6 +46,21 @@ def test_run_then_report_from_the_command_line(ray_cluster, tmp_path, tiny_raw, 
     assert "study tiny: trial seed=0 started (0 done, 1 running, 0 pending of 1; about " in out
     assert " left (estimated))" in out
     assert "study tiny: trial seed=0 finished after" in out and "(1 done, 0 running, 0 pending of 1" in out
+    # It ends with the answer: the point's kNN against random init, from MLflow.
+    answer = out[out.index("study tiny: kNN top-1 by point, mean ± std over 1 seed(s)") :]
+    assert answer.splitlines()[1].split() == [
+        "point",
+        "kNN",
+        "top-1",
+        "(%)",
+        "random",
+        "init",
+        "(%)",
+        "gain",
+    ] + ["(pts,", "95%", "CI)"]
+    assert answer.splitlines()[2].startswith("  default ") and answer.rstrip().endswith("one point: default")
+    assert main(["compare", "tiny", *common[:2]]) == 0  # the same table from the store, any time
+    assert capsys.readouterr().out.strip() == answer.strip()
     from sslab.platform.tracking import Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
