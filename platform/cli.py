@@ -140,6 +140,8 @@ def _print_answer(study: str, result: dict) -> None:
     where no run reached the store)."""
     from sslab.platform.answer import study_answer
 
+    if not result.get("tracking_uri"):
+        return
     try:
         print(study_answer(study, result["tracking_uri"], parent_run_id=result["parent_run_id"]))
     except LookupError:
