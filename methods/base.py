@@ -130,12 +130,19 @@ class Method(nn.Module):
         positions in the training set, for methods that pair images with other data (captions)."""
         raise NotImplementedError
 
+    # True where the authors' optimiser runs over `model.parameters()` as one group: weight decay
+    # (and LARS's adaptation) on biases and norms too, where the platform's groups exclude them.
+    decay_all_parameters: ClassVar[bool] = False
+
     def optimizer_groups(self, weight_decay: float) -> list[dict] | None:
         """The method's own parameter groups, where its authors' code departs from the platform's
         (weight decay on weights only, biases and norms excluded): dicts of `params` and options
         (`weight_decay`; `fixed_lr: True` keeps a group at the peak learning rate, without warm-up
         or decay; `lars_exclude`). None: the platform's groups."""
-        return None
+        if not self.decay_all_parameters:
+            return None
+        trained = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": trained, "weight_decay": weight_decay, "lars_exclude": False}]
 
     def before_optimizer_step(self, step: int) -> None:
         """After backward (and the DDP gradient all-reduce), before the optimiser: gradient surgery

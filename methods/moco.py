@@ -38,11 +38,29 @@ class MoCoV1Args(MoCoV2Args):
 
 
 class MoCoV2(Method):
-    """Query encoder by gradient, key encoder by EMA, a FIFO queue of keys as negatives."""
+    """Query encoder by gradient, key encoder by EMA, a FIFO queue of keys as negatives.
+
+    Conventions (the authors' facebookresearch/moco): SGD over every parameter, weight decay on
+    biases and BatchNorm included (`decay_all_parameters`); lr 0.03 at batch 256 scaled linearly,
+    weight decay 1e-4, no warm-up, cosine decay (v2's `--cos`; v1 steps down at epochs 120 and
+    160 of 200, which sslab's cosine replaces). At 32 px the authors' CIFAR-10 demo: lr 0.06 at
+    batch 512 (0.03 at 256), weight decay 5e-4, momentum 0.99 and a 4,096-key queue (sslab's
+    defaults here too; its temperature 0.1 is not). sslab departs where a short run needs it:
+    the batch's own keys are negatives at once (`batch_negatives`), and an unfilled queue holds
+    no random keys."""
 
     name = "moco_v2"
     Args = MoCoV2Args
     head_kind = "mlp"
+    decay_all_parameters = True
+    train_recipe = {
+        "optimizer": "sgd",
+        "lr": 0.03,
+        "lr_scaling": "linear",
+        "weight_decay": 1e-4,
+        "warmup_epochs": 0,
+    }
+    small_image_train_recipe = train_recipe | {"weight_decay": 5e-4, "warmup_epochs": 0}
 
     def __init__(self, args, ctx: MethodContext):
         super().__init__(args, ctx)

@@ -26,10 +26,26 @@ class MoCoV3Args:
 
 class MoCoV3(Method):
     """No queue: each query is contrasted with the momentum encoder's keys of the same (global)
-    batch, symmetrised over the two views; a predictor on the query branch. ResNet or ViT."""
+    batch, symmetrised over the two views; a predictor on the query branch. ResNet or ViT.
+
+    Conventions (the authors' facebookresearch/moco-v3, main_moco.py): ResNet on LARS at lr 0.6
+    per 256 images scaled linearly, weight decay 1e-6, 10 warm-up epochs, LARS's adaptation and
+    the decay on weights only (`p.ndim > 1`: the platform's groups); the loss scaled by 2 tau; the
+    momentum on a half cosine to 1. Their ResNet temperature is 1.0 and projector 2 layers; sslab
+    keeps the ViT's 0.2 and 3 layers for both. A ViT study sets the ViT recipe: `optimizer:
+    adamw, lr: 1.5e-4, weight_decay: 0.1, warmup_epochs: 40` (the authors decay every parameter
+    there). At 32 px sslab's defaults (SGD) until a CIFAR recipe is measured here."""
 
     name = "moco_v3"
     Args = MoCoV3Args
+    train_recipe = {
+        "optimizer": "lars",
+        "lr": 0.6,
+        "lr_scaling": "linear",
+        "weight_decay": 1e-6,
+        "warmup_epochs": 10,
+    }
+    small_image_train_recipe = {}
 
     def __init__(self, args: MoCoV3Args, ctx: MethodContext):
         super().__init__(args, ctx)

@@ -146,3 +146,45 @@ def test_a_weight_decay_schedule_from_zero_is_refused(tmp_path, capsys):
         "train.weight_decay_end: scales the decay from train.weight_decay, which is 0"
         in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("name", ["moco_v1", "moco_v2", "swav"])
+def test_moco_and_swav_decay_every_parameter_as_their_authors_code(name, make_method):
+    """facebookresearch/moco and /swav build their optimiser over `model.parameters()`: biases
+    and BatchNorm are decayed (and, in SwAV's LARC, adapted) like the weights."""
+    from sslab.platform.optim import build_optimizer
+    from sslab.platform.validate import build_study
+
+    method, _ = make_method(name)
+    for size in (32, 96):
+        train = build_study(
+            {"name": "s", "method": name, "data": {"name": "synthetic", "image_size": size}}
+        ).train
+        groups = build_optimizer(method, train).param_groups
+        decayed = {id(p) for g in groups if g["weight_decay"] == train.weight_decay for p in g["params"]}
+        assert decayed == {id(p) for p in method.parameters() if p.requires_grad}
+        assert not any(g.get("lars_exclude") for g in groups)
+
+
+def test_the_moco_recipes_are_their_authors_code(make_method):
+    """MoCo v2 (main_moco.py): SGD 0.03 per 256, decay 1e-4; its CIFAR-10 demo 5e-4. MoCo v3
+    (main_moco.py): LARS 0.6 per 256, decay 1e-6, 10 warm-up epochs, biases and norms out of
+    LARS and of the decay (`p.ndim > 1`)."""
+    from sslab.platform.optim import build_optimizer
+    from sslab.platform.validate import build_study
+
+    def train(name, size):
+        return build_study(
+            {"name": "s", "method": name, "data": {"name": "synthetic", "image_size": size}}
+        ).train
+
+    large, small = train("moco_v2", 96), train("moco_v2", 32)
+    assert (large.optimizer, large.lr, large.lr_scaling, large.weight_decay) == ("sgd", 0.03, "linear", 1e-4)
+    assert (small.lr, small.weight_decay, small.warmup_epochs) == (0.03, 5e-4, 0)
+    v3 = train("moco_v3", 96)
+    assert (v3.optimizer, v3.lr, v3.weight_decay, v3.warmup_epochs) == ("lars", 0.6, 1e-6, 10)
+    method, _ = make_method("moco_v3")
+    groups = build_optimizer(method, v3).param_groups
+    norms_and_biases = {id(p) for p in method.parameters() if p.requires_grad and p.ndim <= 1}
+    excluded = {id(p) for g in groups if g["lars_exclude"] and g["weight_decay"] == 0 for p in g["params"]}
+    assert excluded == norms_and_biases
