@@ -109,6 +109,11 @@ class CLIP(Method):
     name = "clip"
     Args = CLIPArgs
     pairs_images_with_labels = True  # captions per training image, or built from its label
+    # The paper (Sec. 2.5, App. F): AdamW, betas (0.9, 0.98), decoupled weight decay 0.2 on every
+    # weight but gains, biases and the temperature (the platform's groups), lr 5e-4 for the
+    # ResNet-50 at batch 32,768, unscaled here; its ViTs' eps 1e-6 and 2,000 warm-up iterations are
+    # not taken (torch's eps; no warm-up). The same at every image size.
+    train_recipe = {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.2, "adamw_beta2": 0.98}
 
     def __init__(self, args: CLIPArgs, ctx: MethodContext):
         super().__init__(args, ctx)

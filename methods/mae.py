@@ -70,6 +70,25 @@ class MAE(Method):
     name = "mae"
     Args = MAEArgs
     backbone_family = "vit"
+    # The authors' main_pretrain.py: AdamW at 1.5e-4 per 256 images scaled linearly, betas (0.9,
+    # 0.95), weight decay 0.05 on weights only (timm's add_weight_decay: biases and norms at 0,
+    # the platform's groups), 40 warm-up epochs of 400-1,600. At 32 px no recipe of theirs:
+    # mae_mask_ratio's short-budget one (lr 1e-3, 2 warm-up epochs) with their betas.
+    train_recipe = {
+        "optimizer": "adamw",
+        "lr": 1.5e-4,
+        "lr_scaling": "linear",
+        "weight_decay": 0.05,
+        "adamw_beta2": 0.95,
+        "warmup_epochs": 40,
+    }
+    small_image_train_recipe = {
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "weight_decay": 0.05,
+        "adamw_beta2": 0.95,
+        "warmup_epochs": 2,
+    }
 
     def __init__(self, args: MAEArgs, ctx: MethodContext):
         super().__init__(args, ctx)

@@ -135,6 +135,8 @@ class TrainConfig:
     # LARS's trust coefficient eta: 0.001 in SimCLR and BYOL (ImageNet, batch 4096); CIFAR
     # recipes at batch 256 (solo-learn's) take 0.02.
     lars_eta: float = check(default=0.001, gt=0)
+    # AdamW's second-moment decay: torch's 0.999; MAE's code 0.95, CLIP's paper 0.98.
+    adamw_beta2: float = check(default=0.999, gt=0, lt=1)
     # bf16 autocast (fp32 where the device has no native bf16) and channels_last: 3.0x the fp32
     # step on this project's AVX512-BF16 CPU, and learning alike (benchmarks/README.md).
     amp: bool = True

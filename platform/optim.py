@@ -96,7 +96,7 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
     if train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
     if train.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=train.lr)
+        return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, train.adamw_beta2))
     return LARS(groups, lr=train.lr, momentum=train.momentum, trust_coefficient=train.lars_eta)
 
 

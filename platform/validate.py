@@ -446,6 +446,7 @@ RECIPE_KEYS = (
     "momentum",
     "warmup_epochs",
     "lars_eta",
+    "adamw_beta2",
 )
 
 

@@ -188,3 +188,26 @@ def test_the_moco_recipes_are_their_authors_code(make_method):
     norms_and_biases = {id(p) for p in method.parameters() if p.requires_grad and p.ndim <= 1}
     excluded = {id(p) for g in groups if g["lars_exclude"] and g["weight_decay"] == 0 for p in g["params"]}
     assert excluded == norms_and_biases
+
+
+def test_mae_and_clip_take_their_adamw_betas_and_keep_the_temperature_undecayed(make_method):
+    """MAE's main_pretrain.py: AdamW betas (0.9, 0.95), decay 0.05 on weights only; CLIP (Sec.
+    2.5): betas (0.9, 0.98), decay 0.2, none on gains, biases or the learned temperature."""
+    from sslab.platform.optim import build_optimizer
+    from sslab.platform.validate import build_study
+
+    mae = build_study(
+        {
+            "name": "m",
+            "method": "mae",
+            "backbone": {"name": "vit_tiny"},
+            "data": {"name": "synthetic", "image_size": 96},
+        }
+    )
+    assert (mae.train.lr, mae.train.weight_decay, mae.train.warmup_epochs) == (1.5e-4, 0.05, 40)
+    clip = build_study({"name": "c", "method": "clip", "data": {"name": "synthetic"}})
+    method, _ = make_method("clip")
+    optimizer = build_optimizer(method, clip.train)
+    assert {g["betas"] for g in optimizer.param_groups} == {(0.9, 0.98)}
+    undecayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(method.logit_scale) in undecayed and clip.train.weight_decay == 0.2
