@@ -253,7 +253,7 @@ def cmd_export(args) -> int:
     import tempfile
 
     from sslab.platform.export import load_lines
-    from sslab.platform.run_artifacts import export_from_checkpoint
+    from sslab.platform.run_artifacts import logged_export
 
     out = Path(args.out).resolve()
     _check_folder(out, "--out")
@@ -261,10 +261,7 @@ def cmd_export(args) -> int:
         raise ConfigError("--out", str(out), "is not empty (--force writes the export into it anyway)")
     tracker, run = _tracked_run(args)
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            folder = Path(tracker.client.download_artifacts(args.run, "encoder", tmp))
-        except Exception:
-            folder = export_from_checkpoint(tracker, run, Path(tmp))
+        folder = logged_export(tracker, run, Path(tmp))
         out.mkdir(parents=True, exist_ok=True)
         for name in ("encoder.pt", "encoder.json", "load.py"):
             shutil.copy2(folder / name, out / name)

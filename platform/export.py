@@ -8,7 +8,7 @@ An export folder holds:
   normalisation mean/std it was trained with (of RGB in [0, 1]);
 - `load.py` (a copy of `export_loader.py`): `load(folder)`, with torch and torchvision/timm only,
   for any width multiplier (torchvision has constructors for width 1 alone).
-The trial writes this at its end and logs it to its MLflow run (`encoder/`), so `sslab export`
+The trial writes this at its end and logs it to its MLflow run (`export/`), so `sslab export`
 works from any machine that reads the tracking server.
 """
 
@@ -29,6 +29,10 @@ from sslab.platform.build import build_method
 from sslab.platform.config import StudyConfig
 from sslab.platform.data import load_dataset
 from sslab.platform.validate import build_study
+
+# The run's artifact folder of the export. Not `encoder`, the logged MLflow model's name: MLflow
+# reads `runs:/<id>/<name>` as that model's files too, and merged the two on download.
+EXPORT_ARTIFACT = "export"
 
 
 def torchvision_resnet_state(net: nn.Sequential, depths: tuple[int, ...]) -> dict[str, torch.Tensor]:

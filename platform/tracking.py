@@ -52,6 +52,16 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+def is_remote(uri: str) -> bool:
+    """A tracking server (or a hosted MLflow), not a store on this machine's disk."""
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
+def text_tags(tags: dict) -> dict[str, str]:
+    """Tag values as strings: a REST store refuses other types (a local sqlite one converts them)."""
+    return {key: str(value) for key, value in tags.items()}
+
+
 def require_store(uri: str, key: str, source: str | None = None) -> None:
     """Commands that read a store must not create an empty one where it is missing (MLflow would)."""
     path = sqlite_file(uri)
@@ -96,7 +106,9 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        # The model registry in the same store: without it MLflow takes its global default
+        # (./mlflow.db in the current folder) whatever the tracking URI.
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     # -- driver side -------------------------------------------------------------------------
     def experiment(self, name: str, artifact_root: Path) -> str:
@@ -107,11 +119,13 @@ class Tracker:
         # MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces,
         # prompts); this kind opens it on its runs.
         tags = {EXPERIMENT_KIND_TAG: "custom_model_development"}
-        location = Path(artifact_root).resolve().as_uri()
+        # A tracking server keeps the artifacts where it is told to (proxied, or its own store),
+        # so another machine finds them; a folder of this machine would hold them here only.
+        location = None if is_remote(self.uri) else Path(artifact_root).resolve().as_uri()
         return self.client.create_experiment(name, artifact_location=location, tags=tags)
 
     def start_parent(self, experiment_id: str, run_name: str, tags: dict) -> str:
-        run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
+        run = self.client.create_run(experiment_id, run_name=run_name, tags=text_tags(tags))
         return run.info.run_id
 
     def child_runs(self, experiment_id: str, parent_run_id: str):
@@ -147,9 +161,25 @@ class Tracker:
                 self.client.update_run(run.info.run_id, status="RUNNING")
                 return run.info.run_id, False
         tags = {"mlflow.parentRunId": t.parent_run_id, TRIAL_TAG: t.trial_name, **t.tags}
-        run = self.client.create_run(t.experiment_id, run_name=t.trial_name, tags=tags)
+        run = self.client.create_run(t.experiment_id, run_name=t.trial_name, tags=text_tags(tags))
         self.log_params(run.info.run_id, t.params)
         return run.info.run_id, True
+
+    def download(self, run_id: str, path: str, dst_path: str | None = None) -> Path:
+        """A run's artifact as a local file or folder. MLflow reads `runs:/<id>/<path>` as a
+        logged model too, through the model registry: named here, as the client does not pass
+        its own on (MLflow then opened ./mlflow.db in the current folder)."""
+        from mlflow.artifacts import download_artifacts
+
+        return Path(
+            download_artifacts(
+                run_id=run_id,
+                artifact_path=path,
+                dst_path=dst_path,
+                tracking_uri=self.uri,
+                registry_uri=self.uri,
+            )
+        )
 
     def log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param

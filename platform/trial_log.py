@@ -15,7 +15,7 @@ import torch
 from sslab.methods.base import Method
 from sslab.platform.config import StudyConfig
 from sslab.platform.dataset import Dataset
-from sslab.platform.export import EncoderModule, write_export
+from sslab.platform.export import EXPORT_ARTIFACT, EncoderModule, write_export
 from sslab.platform.runtime import Runtime
 from sslab.platform.tracking import Tracker, TrialTracking, dataset_input
 
@@ -72,14 +72,14 @@ class TrialLogger:
                 self.tracker.log_image(self.run_id, image, f"samples/{name}.png")
 
     def log_outputs(self, method: Method, study: StudyConfig, data: Dataset, checkpoint: Path) -> None:
-        """After training: the export (`encoder/`: weights in torchvision/timm layout, input
+        """After training: the export (`export/`: weights in torchvision/timm layout, input
         statistics, loader), the checkpoint (`checkpoint/`: `sslab eval` and `sslab export`
         against a remote store) and the encoder as an MLflow model, registered if asked."""
         if not self.tracker:
             return
         folder = checkpoint.parent / "encoder"
         write_export(method, study, folder, run_id=self.run_id)
-        self.tracker.log_artifacts(self.run_id, folder, "encoder")
+        self.tracker.log_artifacts(self.run_id, folder, EXPORT_ARTIFACT)
         self.tracker.client.log_artifact(self.run_id, str(checkpoint), "checkpoint")
         if not study.log_model:
             return
@@ -93,7 +93,7 @@ class TrialLogger:
             uri = self.tracker.log_encoder_model(
                 self.run_id, module, example, study.register_model, description
             )
-        except Exception as err:  # the weights are safe in encoder/ and checkpoint/: warn, go on
+        except Exception as err:  # the weights are safe in export/ and checkpoint/: warn, go on
             print(f"warning: MLflow model logging failed ({type(err).__name__}: {err})", file=sys.stderr)
             return
         self.tracker.set_tag(self.run_id, "sslab.model_uri", uri)

@@ -103,7 +103,7 @@ def _study(raw):
 def test_a_trial_logs_its_encoder_checkpoint_and_model_and_export_and_eval_work_remotely(
     tmp_path, tiny_raw, tracking_uri, capsys, monkeypatch
 ):
-    """At its end a trial logs encoder/ and checkpoint/ to its run and the encoder as a registered
+    """At its end a trial logs export/ and checkpoint/ to its run and the encoder as a registered
     MLflow model; `sslab export` and `sslab eval` then need only the tracking store (the
     trial's own folder is deleted first, as on a colleague's machine)."""
     import shutil
@@ -120,12 +120,12 @@ def test_a_trial_logs_its_encoder_checkpoint_and_model_and_export_and_eval_work_
     tracker, run_id = train_tracked(tmp_path, tiny_raw, tracking_uri)
     run = tracker.client.get_run(run_id)
     artifacts = {
-        a.path for folder in ("encoder", "checkpoint") for a in tracker.client.list_artifacts(run_id, folder)
+        a.path for folder in ("export", "checkpoint") for a in tracker.client.list_artifacts(run_id, folder)
     }
     assert {
-        "encoder/encoder.pt",
-        "encoder/encoder.json",
-        "encoder/load.py",
+        "export/encoder.pt",
+        "export/encoder.json",
+        "export/load.py",
         "checkpoint/checkpoint.pt",
     } <= artifacts
     assert any(k.startswith("system/") for k in run.data.metrics)  # MLflow's system metrics
@@ -164,7 +164,7 @@ def runpy_load(folder):
 def test_export_of_a_run_without_encoder_artifacts_rebuilds_it_from_the_checkpoint(
     tmp_path, tiny_raw, tracking_uri, capsys
 ):
-    """Runs logged before trials wrote `encoder/` export from their checkpoint instead."""
+    """Runs logged before trials wrote an export export from their checkpoint instead."""
     import shutil
     from pathlib import Path
     from urllib.parse import urlparse
@@ -176,7 +176,7 @@ def test_export_of_a_run_without_encoder_artifacts_rebuilds_it_from_the_checkpoi
     tiny_raw["train"]["epochs"] = 1
     tracker, run_id = train_tracked(tmp_path, tiny_raw, tracking_uri)
     artifacts = Path(urlparse(tracker.client.get_run(run_id).info.artifact_uri).path)
-    shutil.rmtree(artifacts / "encoder")  # as an older run: no export logged
+    shutil.rmtree(artifacts / "export")  # as an older run: no export logged
     out = tmp_path / "export"
     assert main(["export", run_id, "--out", str(out), "--tracking-uri", tracking_uri]) == 0
     info = json.loads((out / "encoder.json").read_text())
