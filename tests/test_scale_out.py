@@ -166,7 +166,8 @@ def test_a_study_on_two_nodes_tracked_on_a_server_then_read_from_the_server_alon
     assert refused.value.code == 401
 
     write_folder(tmp_path / "images", classes=2, per_class=32, size=16)
-    raw = TINY | {"seeds": [0, 1], "max_concurrent_trials": 1, "log_model": True}
+    raw = TINY | {"seeds": [0], "max_concurrent_trials": 1, "log_model": True}
+    raw["sweep"] = {"method_args.temperature": [0.1, 0.5]}  # two trials, one after the other
     raw["data"] = {"name": "imagefolder", "root": str(tmp_path / "images"), "image_size": 16}
     raw["data"] |= {"loading": "stream", "stream_engine": "ray_data", "stream_workers": 1}
     raw["train"] = TINY["train"] | {"num_workers": 2, "epochs": 1, "batch_size": 32}
@@ -197,7 +198,8 @@ def test_a_study_on_two_nodes_tracked_on_a_server_then_read_from_the_server_alon
     client = MlflowClient(url)
     experiment = client.get_experiment_by_name("tiny")
     trials = [r for r in client.search_runs([experiment.experiment_id]) if "sslab.trial" in r.data.tags]
-    assert sorted(r.data.tags["sslab.trial"] for r in trials) == ["seed=0", "seed=1"]
+    names = ["temperature=0.1,seed=0", "temperature=0.5,seed=0"]
+    assert sorted(r.data.tags["sslab.trial"] for r in trials) == names
     assert {r.info.status for r in trials} == {"FINISHED"} and all(
         "eval/knn_top1" in r.data.metrics for r in trials
     )
@@ -206,6 +208,8 @@ def test_a_study_on_two_nodes_tracked_on_a_server_then_read_from_the_server_alon
     assert len(client.search_logged_models([experiment.experiment_id])) == 2
     assert trials[0].info.artifact_uri.startswith("mlflow-artifacts:")  # proxied: kept by the server
     assert len(list((server_root / "artifacts").rglob("encoder.pt"))) == 2
+
+    _check_what_the_ui_reads(url, experiment.experiment_id)
 
     # Another machine, as far as files go: no workdir, no trial folder, only the server.
     shutil.rmtree(workdir)
@@ -223,3 +227,38 @@ def test_a_study_on_two_nodes_tracked_on_a_server_then_read_from_the_server_alon
     report = (elsewhere / "reports" / "tiny" / "report.md").read_text()
     assert f"({url}/#/experiments/{experiment.experiment_id}" in report  # links open the server's UI
     assert not list(elsewhere.rglob("mlflow.db"))  # nothing fell back to a local store
+
+
+def _rest(url: str, endpoint: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/{endpoint}", data=data)
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())
+
+
+def _check_what_the_ui_reads(url: str, experiment_id: str) -> None:
+    """The MLflow UI's own REST calls: the experiment opens on its runs (its kind tag), the parent's
+    params are the swept keys (as swept) and the shared setup, a child's params its resolved
+    config without the study-level noise (description, seeds, sweep, unset values)."""
+    experiment = _rest(url, f"experiments/get?experiment_id={experiment_id}")["experiment"]
+    tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = _rest(url, "runs/search", {"experiment_ids": [experiment_id], "max_results": 100})["runs"]
+    by_role = {}
+    for run in runs:
+        run_tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+        params = {p["key"]: p["value"] for p in run["data"].get("params", [])}
+        by_role.setdefault(run_tags.get("sslab.role", "trial"), []).append((run["info"], params))
+    ((parent_info, parent_params),) = by_role["study"]
+    assert parent_info["run_name"].startswith("tiny")
+    assert parent_params["method_args.temperature"] == "swept: [0.1, 0.5]"
+    assert parent_params["train.num_workers"] == "2" and parent_params["method"] == "simclr"
+    children = by_role["trial"]
+    assert sorted(info["run_name"] for info, _ in children) == [
+        "temperature=0.1,seed=0",
+        "temperature=0.5,seed=0",
+    ]
+    for _, params in children:
+        assert params["method_args.temperature"] in ("0.1", "0.5") and params["train.seed"] == "0"
+        assert not {"description", "seeds", "sweep"} & set(params) and "None" not in params.values()
