@@ -33,6 +33,16 @@ class SimCLR(Method):
     # CIFAR: SGD at lr 0.5, weight decay 5e-4, 1 warm-up epoch: the recipe the quickstart and
     # sslab's CIFAR-10 reports measured (SimCLR's own App. B.9 uses LARS at batch 512-4096).
     small_image_train_recipe = {"optimizer": "sgd", "lr": 0.5, "weight_decay": 5e-4, "warmup_epochs": 1}
+    # ImageNet (Sec. 4 and App. B.1): LARS at 0.3 per 256 images scaled linearly, weight decay
+    # 1e-6, 10 warm-up epochs; the authors' code keeps biases and BatchNorm out of the decay and of
+    # LARS's adaptation (the platform's groups).
+    train_recipe = {
+        "optimizer": "lars",
+        "lr": 0.3,
+        "lr_scaling": "linear",
+        "weight_decay": 1e-6,
+        "warmup_epochs": 10,
+    }
 
     def __init__(self, args: SimCLRArgs, ctx: MethodContext):
         super().__init__(args, ctx)

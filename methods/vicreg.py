@@ -29,6 +29,15 @@ class VICReg(TwoProjectedViews):
 
     name = "vicreg"
     Args = VICRegArgs
+    # main_vicreg.py: LARS at base lr 0.2 per 256 images scaled linearly, weight decay 1e-6, 10
+    # warm-up epochs, biases and norms out of the decay and of LARS (the platform's groups).
+    train_recipe = {
+        "optimizer": "lars",
+        "lr": 0.2,
+        "lr_scaling": "linear",
+        "weight_decay": 1e-6,
+        "warmup_epochs": 10,
+    }
 
     def training_step(self, images, step, index=None):
         z1, z2 = self.projected_views(images)

@@ -42,7 +42,10 @@ def test_the_study_and_set_win_over_the_recipe(tmp_path):
 
 def test_the_recipe_is_for_small_images_only_where_the_method_says_so():
     study, _ = load_study(QUICKSTART, ["method=vicreg", "data.image_size=96"])
-    assert study.train.optimizer == "sgd"  # no ImageNet-size recipe declared: sslab's default
+    train = study.train  # main_vicreg.py's ImageNet recipe, not solo-learn's CIFAR one
+    assert (train.optimizer, train.lr, train.weight_decay, train.warmup_epochs) == ("lars", 0.2, 1e-6, 10)
+    study, _ = load_study(QUICKSTART, ["method=rotation", "data.image_size=96"])
+    assert study.train.optimizer == "sgd"  # no recipe declared: sslab's default
 
 
 def test_validate_prints_where_each_value_came_from(capsys):
