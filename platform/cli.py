@@ -88,6 +88,8 @@ def cmd_run(args) -> int:
 
     if args.verbose:
         os.environ["SSLAB_VERBOSE"] = "1"  # Ray's trial processes inherit it
+    else:  # MLflow's INFO lines (store created, system metrics started and stopped) say nothing new
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     overrides = args.set + ([f"register_model={args.register}"] if args.register else [])
     study, raw = load_study(args.study, overrides)
     reports = _run_reports_dir(args)

@@ -35,9 +35,11 @@ class TrialLogger:
         self.logged: set[int] = set()
         if tracking is None or not runtime.is_main:
             return
-        if not os.environ.get("SSLAB_VERBOSE"):  # MLflow's INFO lines, once per trial, say nothing new
-            logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.tracker = Tracker(tracking.uri)
+        # After MLflow's import, which sets its loggers' level (a joined cluster's trial processes
+        # do not inherit MLFLOW_LOGGING_LEVEL from `sslab run`).
+        if not os.environ.get("SSLAB_VERBOSE"):
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.run_id, created = self.tracker.find_or_create_child(tracking)
         # What the trial computed with: concurrent trials must not oversubscribe the cores.
         self.tracker.set_tag(self.run_id, "sslab.torch_threads", torch.get_num_threads())

@@ -315,6 +315,10 @@ def run_tune(
     failed because the disk is full."""
     from ray import tune
 
+    if not os.environ.get(VERBOSE_ENV):
+        # Tune's newer console output prints its configuration box, results path and TensorBoard
+        # hint even at verbose=0; its classic reporter at verbose=0 prints nothing.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     init_ray(ray_address)
     trainable = tune.with_resources(make_trainable(factory, invocation, study), resources)
     storage = invocation / "ray"
