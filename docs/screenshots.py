@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from sslab.platform.ray_cluster import free_loopback_port
-from sslab.platform.tracking import Tracker, default_tracking_uri
+from sslab.platform.tracking import UI_MODEL_TRAINING, Tracker, default_tracking_uri
 
 DOCS = Path(__file__).resolve().parent
 
@@ -62,12 +62,16 @@ def main() -> int:
             except OSError:
                 time.sleep(0.5)
         eid = experiment.experiment_id
-        shoot(f"{base}/#/experiments/{eid}", DOCS / "mlflow_runs.png")
+        shoot(f"{base}/#/experiments/{eid}{UI_MODEL_TRAINING}", DOCS / "mlflow_runs.png")
         trial = trials[0]
-        shoot(f"{base}/#/experiments/{eid}/runs/{trial.info.run_id}", DOCS / "mlflow_trial_run.png", 1400)
+        shoot(
+            f"{base}/#/experiments/{eid}/runs/{trial.info.run_id}{UI_MODEL_TRAINING}",
+            DOCS / "mlflow_trial_run.png",
+            1400,
+        )
         ids = urllib.parse.quote(json.dumps([t.info.run_id for t in trials]))
         shoot(
-            f"{base}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([eid]))}",
+            f"{base}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([eid]))}&workflowType=machine_learning",
             DOCS / "mlflow_compare.png",
             1400,
         )

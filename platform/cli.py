@@ -325,7 +325,10 @@ def cmd_ui(args) -> int:
         "--workers",
         "1",
     ]
-    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}", flush=True)
+    from sslab.platform.tracking import UI_MODEL_TRAINING
+
+    address = f"http://127.0.0.1:{args.port}/#/experiments{UI_MODEL_TRAINING}"
+    print(f"MLflow UI for {uri} on {address}", flush=True)
     # MLflow's job runner (six huey consumers, ~225 MB each) serves GenAI jobs; sslab starts none.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, command)

@@ -59,16 +59,18 @@ def eval_passes(study: StudyConfig) -> int:
 
 def estimate(trials: list[Trial], concurrency: int, cpus: int | None = None) -> tuple[list[TrialCost], float]:
     """Each trial's cost and the study's wall time (seconds) at `concurrency` trials at a time.
-    Concurrent trials share the machine: a step is measured with every CPU, and each of the c
-    trials running together gets 1/c of that pace. (Measured alone at its share of the threads,
-    a step was 1.1-1.7x faster than in the real concurrent runs of two CIFAR-10 studies on a
-    2-core machine; shared this way it was within 10% of both.)"""
+    Concurrent trials share the machine, so their step is measured shared: as many copies of the
+    model as trials run together, each on its share of the threads, stepping at the same time.
+    (Measured alone at its share of the threads, a step was 1.1-1.7x faster than in the real
+    concurrent runs of two CIFAR-10 studies on an fp32-only 2-core machine; measured with every
+    thread and counted at 1/c of that pace, it was within 10% of those two but 1.5x slow for
+    simclr_temperature's two concurrent trials on a 2-core AVX512-BF16 machine, where one bf16
+    step gains only 1.3x from a second thread.)"""
     cpus = cpus or os.cpu_count() or 1
     sharing = max(1, min(concurrency, len(trials)))
     costs = trial_costs(trials)
     for cost, trial in zip(costs, trials):
-        step, forward, step_mb = step_seconds(trial.study, cpus)
-        step, forward = step * sharing, forward * sharing
+        step, forward, step_mb = step_seconds(trial.study, cpus, sharing)
         cost.memory_mb = TRIAL_PROCESS_MB + data_mb(trial.study.data) + step_mb
         data = trial.study.data
         images = (train_set_size(data) or 0) + (data.test_subset or data.test_size)
@@ -99,16 +101,34 @@ def data_mb(data: DataConfig) -> float:
     return held * image / 2**20
 
 
-def step_seconds(study: StudyConfig, threads: int) -> tuple[float, float, float]:
+def step_seconds(study: StudyConfig, threads: int, sharing: int = 1) -> tuple[float, float, float]:
     """(one optimiser step, one batch of feature extraction, the MB a step's model, optimiser and
-    activations add to the process at its peak) for the study's model on this machine at `threads`
-    CPU threads; measured once per model and machine, then read from the cache."""
-    key = _cache_key(study, threads)
+    activations add to the process at its peak) for the study's model on this machine's `threads`
+    CPU threads, shared by `sharing` copies stepping at once (concurrent trials); measured once per
+    model, machine and sharing, then read from the cache."""
+    key = _cache_key(study, threads, sharing)
     cache = _read_cache()
     if len(cache.get(key, ())) != 3:
-        cache[key] = _measure(study, threads)
+        cache[key] = _measure(study, threads) if sharing == 1 else _measure_shared(study, threads, sharing)
         _write_cache(cache)
     return tuple(cache[key])
+
+
+def _measure_shared(study: StudyConfig, threads: int, sharing: int) -> list[float]:
+    """`sharing` processes, each on its share of the threads, time their steps together (they
+    start the clock at a barrier after their warm steps): what concurrent trials get of the
+    machine, its memory bandwidth and caches shared. The slowest's times, the largest peak."""
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # torch's threads do not survive a fork
+    share = max(1, threads // sharing)
+    with context.Manager() as manager:
+        barrier = manager.Barrier(sharing)
+        with concurrent.futures.ProcessPoolExecutor(sharing, mp_context=context) as pool:
+            runs = [pool.submit(_measure, study, share, barrier) for _ in range(sharing)]
+            results = [run.result() for run in runs]
+    return [max(result[i] for result in results) for i in range(3)]
 
 
 def _bf16(study: StudyConfig) -> bool:
@@ -121,16 +141,17 @@ def _bf16(study: StudyConfig) -> bool:
     return study.train.amp and native_bf16(torch.device("cpu"))
 
 
-def _cache_key(study: StudyConfig, threads: int) -> str:
+def _cache_key(study: StudyConfig, threads: int, sharing: int = 1) -> str:
     import torch
 
     what = [study.method, study.method_args, dataclasses.asdict(study.backbone), study.data.image_size]
     what += [study.data.clip_length, study.train.batch_size // study.train.num_workers]
     what += [_bf16(study), study.train.channels_last, threads, _cpu_name(), torch.__version__]
+    what += [sharing] if sharing > 1 else []  # unshared keys as before: their cache stays valid
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _measure(study: StudyConfig, threads: int) -> list[float]:
+def _measure(study: StudyConfig, threads: int, barrier=None) -> list[float]:
     """A few warm optimiser steps of the study's model on generated images of its size and batch,
     then feature extraction of a batch (what kNN and the probes do per batch)."""
     import torch
@@ -163,6 +184,8 @@ def _measure(study: StudyConfig, threads: int) -> list[float]:
         images, index = data.train_images[:batch], torch.arange(batch)
         for step in range(WARM_STEPS + TIMED_STEPS):
             if step == WARM_STEPS:
+                if barrier is not None:
+                    barrier.wait()  # the copies sharing the machine step together from here
                 started = time.perf_counter()
             train_step(method, method, optimizer, images, step, index, amp)
         step_time = (time.perf_counter() - started) / TIMED_STEPS

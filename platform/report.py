@@ -25,7 +25,7 @@ from sslab.platform.report_runs import (
     steps_range,
     summarise,
 )
-from sslab.platform.tracking import DATA_KIND_TAG, Tracker
+from sslab.platform.tracking import DATA_KIND_TAG, UI_MODEL_TRAINING, Tracker
 from sslab.platform.verdict import expectations, judge_all, mean_interval, verdict
 from sslab.platform.workdir import is_disk_full
 
@@ -169,7 +169,7 @@ def _sections(study, parent, config, trials: pd.DataFrame, experiment_id: str, p
         row += [_fmt(r.get("loss"), 1, ".3f")] + ([r["state"] or "-"] if flagged else [])
         row += [
             _fmt(r.get("images_per_s"), 1, ".0f"),
-            f"#/experiments/{experiment_id}/runs/{r['run_id']}",
+            f"#/experiments/{experiment_id}/runs/{r['run_id']}{UI_MODEL_TRAINING}",
         ]
         rows.append(row)
     points_header, points = ["point", "seeds"], []

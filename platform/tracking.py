@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,11 @@ COLLAPSE_TAG = "sslab.collapse"  # the method's collapse verdict on its last epo
 # Artifact downloads (configs, label subsets) are tiny: no progress bars in the CLI's output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 PARAM_VALUE_LIMIT = 6000
+
+# MLflow 3.18's UI opens every experiment in its GenAI view (traces, prompts) unless told the
+# workflow in the link (or by the reader's toggle, kept in the browser), whatever the experiment's
+# `mlflow.experimentKind` tag says; this query opens the training-runs view.
+UI_MODEL_TRAINING = "?workflowType=machine_learning"
 
 
 def default_tracking_uri(workdir: Path) -> str:
@@ -224,7 +230,9 @@ class Tracker:
         with torch.no_grad():
             output = module(example).numpy()
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=run_id, nested=True):
+        with mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
+            # torch.export's archive writer warns about every shared weight group; the program loads.
+            warnings.filterwarnings("ignore", message="No complete tensor found in the group")
             info = mlflow.pytorch.log_model(
                 module,
                 name="encoder",

@@ -75,7 +75,20 @@ def study_tags(study: StudyConfig, commit: str) -> dict:
         "dataset": study.data.name,
         DATA_KIND_TAG: DATASETS[study.data.name].kind,
         "config_hash": study.config_hash(),
+        # The UI's "Created by" and "Source" columns (MLflow's own tags; empty otherwise).
+        "mlflow.user": _user(),
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": f"sslab run {study.name}",
     }
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (some containers)
+        return "unknown"
 
 
 @dataclass

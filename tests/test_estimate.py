@@ -24,9 +24,12 @@ def test_steps_and_evaluation_passes_are_counted_from_the_study():
 def test_trials_run_in_rounds_paced_by_the_longest(monkeypatch, tiny_raw):
     raw = tiny_raw | {"seeds": [0, 1, 2]}
     trials = expand_trials(build_study(raw), raw)
-    monkeypatch.setattr(est, "step_seconds", lambda study, threads: (1.0, 0.0, 0.0))
+    asked = []
+    monkeypatch.setattr(
+        est, "step_seconds", lambda study, threads, sharing: asked.append(sharing) or (2.0, 0, 0)
+    )
     costs, wall = est.estimate(trials, concurrency=2)
-    # two trials at a time share the machine: each steps at half the measured pace
+    assert set(asked) == {2}  # the step is measured as two trials share the machine
     per_trial = est.total_steps(trials[0].study) * 2.0 + est.TRIAL_OVERHEAD_SECONDS
     assert [c.seconds for c in costs] == [per_trial] * 3
     assert wall == pytest.approx(est.RAY_START_SECONDS + 2 * per_trial)  # two rounds: 2 + 1 trials
@@ -38,6 +41,18 @@ def test_a_model_is_measured_once_per_machine(monkeypatch, tiny_raw):
     assert step > 0 and forward > 0 and step_mb > 0
     monkeypatch.setattr(est, "_measure", lambda *a: pytest.fail("measured again"))
     assert est.step_seconds(study, threads=1) == (step, forward, step_mb)
+
+
+def test_a_shared_step_is_measured_with_its_copies_stepping_together(monkeypatch, tiny_raw, tmp_path):
+    """Two processes on one thread each, their timed steps started at a barrier; cached apart
+    from the unshared measurement of the same model."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    study = build_study(tiny_raw)
+    shared = est.step_seconds(study, threads=2, sharing=2)
+    assert all(value > 0 for value in shared)
+    monkeypatch.setattr(est, "_measure", lambda *a: [9.0, 9.0, 9.0])
+    assert est.step_seconds(study, threads=2, sharing=2) == shared  # from the cache
+    assert est.step_seconds(study, threads=2) == (9.0, 9.0, 9.0)  # another key: measured alone
 
 
 def test_a_steps_peak_memory_grows_with_the_batch(tiny_raw):

@@ -70,7 +70,10 @@ def two_nodes():
     process group stops that node and nothing else."""
     token = secrets.token_hex(16)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    env.pop("RAY_ADDRESS", None)
+    # What the suite's own local cluster left in this process's environment: its local-only mode
+    # (a second node would refuse to join) and the address of its dashboard.
+    for name in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_API_SERVER_ADDRESS"):
+        env.pop(name, None)
     temp = Path(tempfile.mkdtemp(prefix="sslabnodes", dir="/tmp"))  # short: socket paths < 107 bytes
     ray = str(Path(sys.executable).parent / "ray")
     gcs, dashboard = free_loopback_port(), free_loopback_port()
@@ -113,14 +116,22 @@ def two_nodes():
         yield cluster
     finally:
         for node, log in reversed(nodes):
-            os.killpg(node.pid, signal.SIGTERM)
-            try:
-                node.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
-                node.wait()
+            _stop_group(node)
             log.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_group(process: subprocess.Popen, seconds: float = 5) -> None:
+    """SIGTERM to the process group a fixture started, SIGKILL if it is still there after `seconds`
+    (a node's processes all share its group; Ray's own shutdown of a node took 15-20 s)."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=seconds)
+    except ProcessLookupError:
+        process.wait()
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 @pytest.fixture
@@ -150,8 +161,7 @@ def tracking_server(tmp_path):
         _wait_until(healthy, "mlflow server", server, root / "server.log")
         yield url, root
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        _stop_group(server)
         log.close()
 
 
