@@ -52,8 +52,10 @@ def build_report(study: str, tracking_uri: str, out_dir: Path, parent_run_id: st
         "sweep.png": plot_sweep(trials, metric, paper.get("results", {}), config.get("sweep")),
         "probes.png": plot_probes(probes, metric),
         "loss.png": plot_curves(curves, "loss", "training loss"),
-        "knn_top1.png": plot_curves(curves, "knn_top1", "kNN top-1 (epoch 0 = random init)"),
-        "propagation_j.png": plot_curves(curves, "propagation_j", "propagation J (epoch 0 = random init)"),
+        "knn_top1.png": plot_curves(curves, "knn_top1", "kNN top-1 (%; epoch 0 = random init)", 100),
+        "propagation_j.png": plot_curves(
+            curves, "propagation_j", "propagation J (%; epoch 0 = random init)", 100
+        ),
         "monitored_knn.png": plot_monitored(curves, trials),
     }
     for name, png in plots.items():

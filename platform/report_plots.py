@@ -22,8 +22,9 @@ def pyplot():
     return plt
 
 
-def plot_curves(curves: pd.DataFrame, metric: str, ylabel: str) -> str | None:
-    """A PNG (base64) of `metric` per epoch, one line per trial."""
+def plot_curves(curves: pd.DataFrame, metric: str, ylabel: str, scale: float = 1.0) -> str | None:
+    """A PNG (base64) of `metric` per epoch, one line per trial; `scale`: 100 for an accuracy
+    logged as a fraction, so that plots and tables share one unit (%)."""
     plt = pyplot()
 
     data = curves[curves["metric"] == metric] if len(curves) else curves
@@ -32,7 +33,7 @@ def plot_curves(curves: pd.DataFrame, metric: str, ylabel: str) -> str | None:
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     for trial, group in data.groupby("trial"):
         group = group.sort_values("epoch").drop_duplicates("epoch", keep="last")
-        ax.plot(group["epoch"], group["value"], marker="o", ms=3, label=trial)
+        ax.plot(group["epoch"], group["value"] * scale, marker="o", ms=3, label=trial)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -63,9 +64,10 @@ def plot_monitored(curves: pd.DataFrame, trials: pd.DataFrame) -> str | None:
                 epochs, values = [*epochs, last], [*values, start[EVAL + metric]]
             network = "evaluated" if metric == "knn_top1" else metric.removesuffix("_knn_top1")
             style = "-" if metric == "knn_top1" else "--"
-            ax.plot(epochs, values, style, color=colour, marker="o", ms=3, label=f"{trial} ({network})")
+            percent = [value * 100 for value in values]
+            ax.plot(epochs, percent, style, color=colour, marker="o", ms=3, label=f"{trial} ({network})")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("kNN top-1 (epoch 0 = random init)")
+    ax.set_ylabel("kNN top-1 (%; epoch 0 = random init)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return png(fig)
