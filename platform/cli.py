@@ -1,4 +1,4 @@
-"""sslab command line: run | validate | report | compare | eval | export | methods | ui | bench.
+"""sslab command line: run | validate | report | compare | ls | eval | export | methods | ui | bench.
 
 Bad input (a study file, a --set override) prints one line naming the file and key and exits
 with code 2 before anything is written. Each command imports what it needs when it runs (torch,
@@ -173,6 +173,16 @@ def cmd_compare(args) -> int:
         print(study_answer(name, uri, parent_run_id=args.parent_run))
     except LookupError as err:
         raise ConfigError(uri, "STUDY", str(err)) from None
+    return 0
+
+
+def cmd_ls(args) -> int:
+    from sslab.platform.listing import store_listing
+    from sslab.platform.tracking import require_store
+
+    uri = _tracking_uri(args)
+    require_store(uri, "--tracking-uri")
+    print(store_listing(uri))
     return 0
 
 
@@ -408,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(compare)
     compare.add_argument("--parent-run", help="the study invocation (default: the latest)")
+    listing = sub.add_parser("ls", help="list the studies in a store and each invocation of them")
+    common(listing)
+    listing.set_defaults(fn=cmd_ls)
     sub.add_parser("methods", help="list methods and their arguments").set_defaults(fn=cmd_methods)
     ev = sub.add_parser(
         "eval", help="evaluate a run's checkpoint (kNN, linear probe, fine-tuning, few labels)"

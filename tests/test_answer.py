@@ -56,3 +56,26 @@ def test_unfinished_trials_are_left_out():
     rows.loc[1, "status"] = "FAILED"
     assert answer_table("s", rows).splitlines()[-1] == "  one point: a"
     assert answer_table("s", rows.iloc[1:]) == "study s: no finished trial with a result to compare"
+
+
+def test_ls_lists_each_study_and_its_invocations_newest_first(tmp_path, capsys):
+    from sslab.platform.cli import main
+    from sslab.platform.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri)
+    experiment = tracker.experiment("temp", tmp_path / "artifacts")
+    invocations = []
+    for command in ("sslab run temp.yaml", "sslab run temp.yaml --set train.epochs=2"):
+        parent = tracker.start_parent(experiment, "temp", {"sslab.role": "study", "sslab.command": command})
+        for status in ("FINISHED", "FAILED"):
+            child = tracker.client.create_run(experiment, tags={"mlflow.parentRunId": parent})
+            tracker.client.set_terminated(child.info.run_id, status)
+        invocations.append(parent)
+    assert main(["ls", "--tracking-uri", uri]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"temp (experiment {experiment}): 2 invocation(s)"
+    assert [line.split()[0] for line in lines[1:]] == invocations[::-1]  # newest first
+    assert lines[1].endswith("1/2 trials finished  sslab run temp.yaml --set train.epochs=2")
+    assert main(["ls", "--workdir", str(tmp_path / "none")]) == 2  # no store there: none created
+    assert not (tmp_path / "none").exists()
