@@ -63,9 +63,9 @@ def estimate(trials: list[Trial], concurrency: int, cpus: int | None = None) -> 
     model as trials run together, each on its share of the threads, stepping at the same time.
     (Measured alone at its share of the threads, a step was 1.1-1.7x faster than in the real
     concurrent runs of two CIFAR-10 studies on an fp32-only 2-core machine; measured with every
-    thread and counted at 1/c of that pace, it was within 10% of those two but 1.5x slow for
-    simclr_temperature's two concurrent trials on a 2-core AVX512-BF16 machine, where one bf16
-    step gains only 1.3x from a second thread.)"""
+    thread and counted at 1/c of that pace, it was within 10% of those two but said 71:03 for
+    simclr_temperature's two concurrent trials on a 2-core AVX512-BF16 machine, which run ~48 min
+    undisturbed, a bf16 step gaining only 1.3x from a second thread. Measured shared: 50:49.)"""
     cpus = cpus or os.cpu_count() or 1
     sharing = max(1, min(concurrency, len(trials)))
     costs = trial_costs(trials)
