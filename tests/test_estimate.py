@@ -36,6 +36,7 @@ def test_trials_run_in_rounds_paced_by_the_longest(monkeypatch, tiny_raw):
 
 
 def test_a_model_is_measured_once_per_machine(monkeypatch, tiny_raw):
+    monkeypatch.setattr(est, "machine_busy", lambda: False)
     study = build_study(tiny_raw)
     step, forward, step_mb = est.step_seconds(study, threads=1)  # measured: a few real steps
     assert step > 0 and forward > 0 and step_mb > 0
@@ -47,12 +48,26 @@ def test_a_shared_step_is_measured_with_its_copies_stepping_together(monkeypatch
     """Two processes on one thread each, their timed steps started at a barrier; cached apart
     from the unshared measurement of the same model."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(est, "machine_busy", lambda: False)
     study = build_study(tiny_raw)
     shared = est.step_seconds(study, threads=2, sharing=2)
     assert all(value > 0 for value in shared)
     monkeypatch.setattr(est, "_measure", lambda *a: [9.0, 9.0, 9.0])
     assert est.step_seconds(study, threads=2, sharing=2) == shared  # from the cache
     assert est.step_seconds(study, threads=2) == (9.0, 9.0, 9.0)  # another key: measured alone
+
+
+def test_a_step_measured_on_a_busy_machine_serves_until_it_is_idle(monkeypatch, tiny_raw, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    study = build_study(tiny_raw)
+    measurements = iter([[2.0, 0.2, 50.0], [1.0, 0.1, 50.0]])
+    monkeypatch.setattr(est, "_measure", lambda *a: next(measurements))
+    monkeypatch.setattr(est, "machine_busy", lambda: True)
+    assert est.step_seconds(study, threads=2) == (2.0, 0.2, 50.0)  # measured, marked busy
+    assert est.step_seconds(study, threads=2) == (2.0, 0.2, 50.0)  # still busy: no new measurement
+    monkeypatch.setattr(est, "machine_busy", lambda: False)
+    assert est.step_seconds(study, threads=2) == (1.0, 0.1, 50.0)  # idle now: measured again
+    assert est.step_seconds(study, threads=2) == (1.0, 0.1, 50.0)  # and kept
 
 
 def test_a_steps_peak_memory_grows_with_the_batch(tiny_raw):
