@@ -58,8 +58,11 @@ def test_unfinished_trials_are_left_out():
     assert answer_table("s", rows.iloc[1:]) == "study s: no finished trial with a result to compare"
 
 
-def test_ls_lists_each_study_and_its_invocations_newest_first(tmp_path, capsys):
+def test_ls_lists_each_study_and_its_invocations_newest_first(tmp_path, capsys, monkeypatch):
     from sslab.platform.cli import main
+
+    # An earlier test's mlflow.set_tracking_uri leaves this set; it would win over --workdir.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from sslab.platform.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
