@@ -60,7 +60,7 @@ class MoCoV2(Method):
         "weight_decay": 1e-4,
         "warmup_epochs": 0,
     }
-    small_image_train_recipe = train_recipe | {"weight_decay": 5e-4, "warmup_epochs": 0}
+    small_image_train_recipe = train_recipe | {"weight_decay": 5e-4}
 
     def __init__(self, args, ctx: MethodContext):
         super().__init__(args, ctx)

@@ -40,6 +40,16 @@ def _tracking_uri(args) -> str:
     return resolve_tracking_uri(args.tracking_uri, _workdir(args))
 
 
+def _existing_store(args) -> str:
+    """The tracking URI of a command that reads a store: a missing one is a one-line error, not
+    an empty store created."""
+    from sslab.platform.tracking import require_store
+
+    uri = _tracking_uri(args)
+    require_store(uri, "--tracking-uri")
+    return uri
+
+
 def cmd_validate(args) -> int:
     from sslab.platform.cost import print_cost
     from sslab.platform.sweep import expand_trials
@@ -152,17 +162,13 @@ def _print_answer(study: str, result: dict) -> None:
 
 def _study_in_store(args, command: str) -> tuple[str, str]:
     """(study name, tracking URI) of `sslab report` / `sslab compare`: STUDY is a file or a name."""
-    from sslab.platform.tracking import require_store
-
     name = args.study
     if name.endswith((".yaml", ".yml")):
         from sslab.platform.validate import load_study
 
         name = load_study(name, args.set)[0].name
     check_study_name(name, f"sslab {command}", "STUDY")
-    uri = _tracking_uri(args)
-    require_store(uri, "--tracking-uri")
-    return name, uri
+    return name, _existing_store(args)
 
 
 def cmd_compare(args) -> int:
@@ -178,11 +184,8 @@ def cmd_compare(args) -> int:
 
 def cmd_ls(args) -> int:
     from sslab.platform.listing import store_listing
-    from sslab.platform.tracking import require_store
 
-    uri = _tracking_uri(args)
-    require_store(uri, "--tracking-uri")
-    print(store_listing(uri))
+    print(store_listing(_existing_store(args)))
     return 0
 
 
@@ -246,10 +249,9 @@ def cmd_eval(args) -> int:
 
 def _tracked_run(args):
     """(tracker, run) for a RUN_ID argument; a missing store or run is a one-line error."""
-    from sslab.platform.tracking import Tracker, require_store
+    from sslab.platform.tracking import Tracker
 
-    uri = _tracking_uri(args)
-    require_store(uri, "--tracking-uri")
+    uri = _existing_store(args)
     tracker = Tracker(uri)
     try:
         return tracker, tracker.client.get_run(args.run)

@@ -113,8 +113,7 @@ def portable_arg(word: str) -> str:
 
 def _parent_config(tracker: Tracker, run_id: str) -> dict:
     try:
-        path = tracker.download(run_id, "resolved_config.json")
-        return json.loads(Path(path).read_text())
+        return json.loads(tracker.download(run_id, "resolved_config.json").read_text())
     except Exception:  # an older or foreign run without the artifact: the report still builds
         return {}
 

@@ -31,7 +31,7 @@ def run_checkpoint(tracker, run) -> Path:
     if local.name and has_checkpoint(local):
         return local
     try:
-        return Path(tracker.download(run.info.run_id, f"checkpoint/{local.name or CHECKPOINT_NAME}"))
+        return tracker.download(run.info.run_id, f"checkpoint/{local.name or CHECKPOINT_NAME}")
     except Exception:
         raise ConfigError(
             f"run {run.info.run_id}",

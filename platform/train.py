@@ -307,14 +307,14 @@ def run_epoch(trainer: Trainer, epoch: int) -> dict:
     )
     # Augmentation draws: fresh per epoch, rank and (after a resume) starting step.
     torch.manual_seed(train.seed * 1_000_003 + epoch * 1009 + runtime.rank + first * 7919)
-    meter, started = EpochMeter(), time.perf_counter()
+    meter, started, peak_lr = EpochMeter(), time.perf_counter(), scaled_lr(train)
     data_cfg = trainer.study.data
     batches = epoch_batches(
         images_of, indices, data_cfg.stream_workers, runtime.device, data_cfg.stream_engine
     )
     for i, (index, images) in enumerate(zip(indices, batches), start=first):
         lr = trainer.learning_rate()
-        set_learning_rate(trainer.optimizer, lr, scaled_lr(train))
+        set_learning_rate(trainer.optimizer, lr, peak_lr)
         if train.weight_decay_end is not None:
             scale_weight_decay(trainer.optimizer, trainer.weight_decay_factor())
         images = images.to(runtime.device, non_blocking=True)
@@ -344,7 +344,7 @@ def run_epoch(trainer: Trainer, epoch: int) -> dict:
         epoch=epoch,
         optimizer_steps=trainer.step,  # probes are plotted against these
         lr=lr,
-        peak_lr=scaled_lr(train),
+        peak_lr=peak_lr,
         epoch_seconds=seconds,
         images_per_s=len(indices) * train.batch_size / seconds,
     )
